@@ -1,0 +1,252 @@
+"""The `greymesh` command.
+
+User commands: up, down, status, apply, doctor.  The run-* commands are what `up`
+starts as separate processes (control plane, demo services, load generator); they
+are listed under "internal" in --help.
+Exit codes: 0 done, 1 failed at run time, 2 refused input (the message says why).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from controlplane import runtime
+from controlplane.meshspec import SpecError
+
+DEMO_SPEC = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "mesh.yaml"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    except runtime.MeshRuntimeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="greymesh", description="An AI-driven observability service mesh.")
+    sub = p.add_subparsers(required=True, metavar="COMMAND")
+
+    def cmd(name: str, fn, help: str) -> argparse.ArgumentParser:  # noqa: A002
+        sp = sub.add_parser(name, help=help, description=help)
+        sp.set_defaults(func=fn)
+        return sp
+
+    def data_dir(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--data-dir", type=Path, default=runtime.default_data_dir(),
+                        help="where the mesh keeps all its state (default: %(default)s)")
+
+    sp = cmd("up", _up, "start the local mesh (or what of it is not running) and return once it serves")
+    sp.add_argument("spec", nargs="?", type=Path, help=f"mesh.yaml (default: the demo mesh, {DEMO_SPEC})")
+    data_dir(sp)
+    sp.add_argument("--xds-api", choices=("delta", "sotw"), default="delta",
+                    help="xDS variant the sidecars use (default: %(default)s)")
+    sp.add_argument("--rps", type=float, default=5.0, help="steady demo load, requests/s (0: none)")
+    sp.add_argument("--no-watch", action="store_true", help="do not re-apply the spec file when it changes")
+    sp.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the mesh")
+
+    sp = cmd("down", _down, "stop everything `up` started in the data dir")
+    data_dir(sp)
+
+    sp = cmd("status", _status, "show processes and every sidecar's xDS state")
+    data_dir(sp)
+    sp.add_argument("--json", action="store_true", help="machine-readable output")
+
+    sp = cmd("apply", _apply, "validate a mesh.yaml and push it to the running control plane")
+    sp.add_argument("spec", type=Path)
+    data_dir(sp)
+
+    sp = cmd("doctor", _doctor, "list the external components greymesh uses and how to install missing ones")
+    sp.add_argument("--json", action="store_true")
+    sp.add_argument("--component", help=argparse.SUPPRESS)
+    sp.add_argument("--version-only", action="store_true", help=argparse.SUPPRESS)
+
+    sp = cmd("run-controlplane", _run_controlplane, "internal: the control-plane process")
+    data_dir(sp)
+    sp.add_argument("--host", default="127.0.0.1", help="address for xDS and admin (default: loopback)")
+    sp.add_argument("--xds-port", type=int, required=True)
+    sp.add_argument("--admin-port", type=int, required=True)
+    sp.add_argument("--watch", type=Path)
+
+    sp = cmd("run-service", _run_service, "internal: a demo service")
+    data_dir(sp)
+    for flag in ("--service", "--instance", "--subset"):
+        sp.add_argument(flag, required=True)
+    sp.add_argument("--port", type=int, required=True)
+    sp.add_argument("--egress-port", type=int, required=True)
+    sp.add_argument("--calls", default="")
+
+    sp = cmd("run-loadgen", _run_loadgen, "internal: the demo load generator")
+    data_dir(sp)
+    sp.add_argument("--url", required=True)
+    sp.add_argument("--rps", type=float, required=True)
+    return p
+
+
+# --- user commands ------------------------------------------------------------------
+
+
+def _up(args: argparse.Namespace) -> int:
+    dd = runtime.DataDir(args.data_dir)
+    spec = args.spec or (dd.spec if dd.spec.exists() else DEMO_SPEC)
+    state = runtime.up(dd, spec, xds_api=args.xds_api, load_rps=args.rps, watch=not args.no_watch,
+                       progress=_progress)
+    print(f"mesh is up: entrypoint {state.entrypoint}  (data dir {dd.root}; `greymesh status`, `greymesh down`)")
+    if not args.foreground:
+        return 0
+    try:
+        while True:
+            time.sleep(5)
+            print(_one_line_summary(runtime.status(dd)), flush=True)
+    except KeyboardInterrupt:
+        print("\nstopping the mesh")
+        runtime.down(dd, progress=_progress)
+    return 0
+
+
+def _down(args: argparse.Namespace) -> int:
+    n = runtime.down(runtime.DataDir(args.data_dir), progress=_progress)
+    print(f"stopped {n} process(es)" if n else "nothing was running")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    doc = runtime.status(runtime.DataDir(args.data_dir))
+    if args.json:
+        print(json.dumps(doc, indent=2))
+    else:
+        print(_render_status(doc))
+    healthy = all(p["running"] for p in doc["processes"].values()) and "error" not in doc.get("controlplane", {})
+    return 0 if healthy else 1
+
+
+def _apply(args: argparse.Namespace) -> int:
+    result = runtime.apply_spec(runtime.DataDir(args.data_dir), args.spec)
+    changed = result.get("changed", [])
+    print(f"applied {args.spec}: {len(changed)} sidecar(s) get new config" + (f": {', '.join(changed)}" if changed else ""))
+    return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from controlplane import doctor
+
+    rows, ok = doctor.report()
+    if args.component:
+        row = next((r for r in rows if r["name"] == args.component), None)
+        if row is None or not row["installed"]:
+            return 1
+        print(row["version"] if args.version_only else json.dumps(row))
+        return 0
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0 if ok else 1
+    for r in rows:
+        state = f"{r['version']}  {r['path']}" if r["installed"] else f"MISSING ({r['problem']}); install: {r['install']}"
+        print(f"{r['name']:<12} {r['purpose']:<40} pinned {r['pinned']:<28} {state}")
+    print("all components installed" if ok else "some components are missing: run the install command shown")
+    return 0 if ok else 1
+
+
+# --- internal commands ----------------------------------------------------------------
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _run_controlplane(args: argparse.Namespace) -> int:
+    from controlplane import daemon
+
+    _logging()
+    asyncio.run(daemon.run(runtime.DataDir(args.data_dir), host=args.host, xds_port=args.xds_port,
+                           admin_port=args.admin_port, watch=args.watch))
+    return 0
+
+
+def _run_service(args: argparse.Namespace) -> int:
+    from controlplane.demo import service
+
+    _logging()
+    calls = tuple(c for c in args.calls.split(",") if c)
+    service.serve(service.ServiceConfig(args.service, args.instance, args.subset, args.port, args.egress_port, calls))
+    return 0
+
+
+def _run_loadgen(args: argparse.Namespace) -> int:
+    from controlplane.demo import loadgen
+
+    _logging()
+    loadgen.run(args.url, args.rps, runtime.DataDir(args.data_dir).loadgen_tally)
+    return 0
+
+
+# --- rendering -------------------------------------------------------------------------
+
+
+def _progress(msg: str) -> None:
+    print(f"==> {msg}", flush=True)
+
+
+def _one_line_summary(doc: dict) -> str:
+    nodes = doc.get("controlplane", {}).get("nodes", {})
+    in_sync = sum(1 for n in nodes.values() if n.get("in_sync"))
+    outcomes = doc.get("loadgen", {}).get("outcomes", {})
+    return f"{time.strftime('%H:%M:%S')} sidecars in sync {in_sync}/{len(nodes)}; load outcomes {outcomes}"
+
+
+def _render_status(doc: dict) -> str:
+    lines = [f"data dir:   {doc['data_dir']}", f"entrypoint: {doc.get('entrypoint') or '-'}"]
+    cp = doc.get("controlplane", {})
+    spec = cp.get("spec")
+    if spec:
+        applied = time.strftime("%H:%M:%S", time.localtime(spec["at"]))
+        lines.append(f"spec:       {spec['source']} (mesh {spec['mesh']}, sha {spec['sha256'][:12]}, applied {applied})")
+    if cp.get("last_rejected"):
+        rej = cp["last_rejected"]
+        lines.append(f"last refused spec: {rej['source']} at {time.strftime('%H:%M:%S', time.localtime(rej['at']))}")
+        lines += [f"    {e}" for e in rej["errors"]]
+    if "error" in cp:
+        lines.append(f"control plane: {cp['error']}")
+    lines.append("")
+    lines.append(f"{'PROCESS':<28} {'PID':>7}  STATE")
+    for name, p in doc["processes"].items():
+        lines.append(f"{name:<28} {p['pid']:>7}  {'running' if p['running'] else 'STOPPED  (log: ' + p['log'] + ')'}")
+    nodes = cp.get("nodes", {})
+    if nodes:
+        lines.append("")
+        lines.append(f"{'SIDECAR':<20} {'XDS':<6} {'CONN':<5} {'IN SYNC':<8} {'SNAPSHOT':<17} LAST NACK")
+        for node, n in sorted(nodes.items()):
+            nack = _last_nack(n)
+            lines.append(
+                f"{node:<20} {n.get('protocol') or '-':<6} {('yes' if n.get('connected') else 'no'):<5} "
+                f"{('yes' if n.get('in_sync') else 'NO'):<8} {(n.get('snapshot_version') or '-'):<17} {nack}"
+            )
+    if "loadgen" in doc:
+        lines.append("")
+        lines.append(f"load: {doc['loadgen']['rps']} rps to {doc['loadgen']['url']}: outcomes {doc['loadgen']['outcomes']}")
+    return "\n".join(lines)
+
+
+def _last_nack(node: dict) -> str:
+    nacks = [(t.rsplit(".", 1)[-1], v["nack"]) for t, v in node.get("types", {}).items() if v.get("nack")]
+    if not nacks:
+        return "-"
+    kind, nack = max(nacks, key=lambda kv: kv[1]["at"])
+    return f"{kind} {nack['version']}: {nack['message']}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

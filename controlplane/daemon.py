@@ -1,0 +1,201 @@
+"""The control-plane process: accepted spec -> snapshots -> ADS, plus a loopback admin API.
+
+One asyncio loop owns all state.  A spec reaches it three ways, all through
+:meth:`ControlPlane.apply`: the accepted copy in the data dir at start-up, `POST /apply`
+(what `greymesh apply` calls), and the file watch that `greymesh up` asks for.  A spec
+is validated and fully translated before anything is swapped in, so a refused spec
+leaves every sidecar on the config it has.
+
+Admin API (HTTP/JSON, loopback by default): ``GET /healthz``, ``GET /status``,
+``POST /apply`` (body: mesh.yaml text; 200 with the nodes that changed, 400 with the
+problems).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
+from controlplane.placement import Placement
+from controlplane.runtime import DataDir
+from controlplane.translate import build_snapshots
+from controlplane.xds.ads import start_ads_server
+from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.status import NodeStatus
+
+log = logging.getLogger("greymesh.controlplane")
+
+WATCH_INTERVAL_S = 0.5
+
+
+@dataclass(frozen=True)
+class Applied:
+    source: str
+    sha256: str
+    at: float
+    mesh: str
+
+
+class ControlPlane:
+    def __init__(self, dd: DataDir):
+        self.dd = dd
+        self.cache = SnapshotCache()
+        self.nodes = NodeStatus()
+        self.applied: Applied | None = None
+        self.last_rejected: dict | None = None
+        self._lock = asyncio.Lock()
+
+    async def apply(self, text: str, source: str) -> list[str]:
+        """Validate, translate and swap in a spec; return the node ids whose config changed.
+
+        Raises SpecError (nothing changed) when the spec, or its placement, is refused.
+        """
+        async with self._lock:
+            try:
+                spec = parse_spec(text, source=source)
+                snapshots = build_snapshots(spec, self._placement(spec, source))
+            except SpecError as exc:
+                self.last_rejected = {"source": source, "at": time.time(), "errors": str(exc).splitlines()}
+                self._journal("rejected", source, text, errors=self.last_rejected["errors"])
+                log.error("refused %s; the running config stays:\n%s", source, exc)
+                raise
+            changed = [node for node, snap in snapshots.items() if self.cache.set_snapshot(node, snap)]
+            for gone in set(self.cache.node_ids()) - snapshots.keys():
+                self.cache.clear(gone)
+                self.nodes.forget(gone)
+                changed.append(gone)
+            if source != str(self.dd.spec):
+                _write_atomic(self.dd.spec, text)
+            self.applied = Applied(source, _sha256(text), time.time(), spec.name)
+            self._journal("applied", source, text, changed=sorted(changed))
+            log.info("applied %s (%s): %d sidecar(s) changed %s", source, self.applied.sha256[:12],
+                     len(changed), sorted(changed))
+            return sorted(changed)
+
+    def _placement(self, spec: MeshSpec, source: str) -> Placement:
+        placement = Placement.load(self.dd.placement)
+        missing = [i.name for s in spec.services for i in s.instances if i.name not in placement.sidecars]
+        if missing:
+            raise SpecError(source, [Problem(
+                "services", f"instance(s) {', '.join(missing)} are new and have no sidecar yet: "
+                "run `greymesh up <file>` to place and start them")])
+        return placement
+
+    def _journal(self, outcome: str, source: str, text: str, **extra: object) -> None:
+        """Append-only record of every spec offered to the control plane."""
+        entry = {"at": time.time(), "outcome": outcome, "source": source, "sha256": _sha256(text), **extra}
+        with open(self.dd.root / "applies.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry) + "\n")
+
+    def status(self) -> dict:
+        snapshots = self.cache.snapshots()
+        nodes = self.nodes.status(snapshots)
+        for node, snap in snapshots.items():
+            entry = nodes.setdefault(node, {"connected": 0, "in_sync": False, "types": {}})
+            entry["snapshot_version"] = snap.version_key
+        return {
+            "spec": vars(self.applied) if self.applied else None,
+            "last_rejected": self.last_rejected,
+            "nodes": nodes,
+        }
+
+    async def watch(self, path: Path) -> None:
+        """Apply path whenever its content changes; a bad edit is logged and skipped."""
+        last_seen: str | None = None
+        while True:
+            try:
+                sha = _sha256(text := path.read_text(encoding="utf-8"))
+            except OSError as exc:
+                if last_seen != "unreadable":
+                    log.warning("cannot read watched spec %s (%s); keeping the running config", path, exc.strerror)
+                last_seen = "unreadable"
+            else:
+                if sha != last_seen and (self.applied is None or sha != self.applied.sha256):
+                    with contextlib.suppress(SpecError):  # logged and shown in status by apply()
+                        await self.apply(text, str(path))
+                last_seen = sha
+            await asyncio.sleep(WATCH_INTERVAL_S)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, port: int) -> ThreadingHTTPServer:
+    """A tiny HTTP server on its own thread; every request is handled on the control loop."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path == "/healthz":
+                self._send(200, {"ok": True})
+            elif self.path == "/status":
+                self._send(200, asyncio.run_coroutine_threadsafe(_call(cp.status), loop).result(10))
+            else:
+                self._send(404, {"errors": [f"no such endpoint {self.path}; try /status"]})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/apply":
+                self._send(404, {"errors": [f"no such endpoint {self.path}; try POST /apply"]})
+                return
+            length = int(self.headers.get("Content-Length") or 0)
+            text = self.rfile.read(length).decode("utf-8", "replace")
+            source = self.headers.get("X-Greymesh-Source") or "<POST /apply>"
+            try:
+                changed = asyncio.run_coroutine_threadsafe(cp.apply(text, source), loop).result(60)
+            except SpecError as exc:
+                self._send(400, {"errors": str(exc).splitlines()})
+            else:
+                self._send(200, {"changed": changed})
+
+        def _send(self, code: int, doc: dict) -> None:
+            body = json.dumps(doc, indent=2).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            log.debug("admin: " + format, *args)
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, name="admin-http", daemon=True).start()
+    return server
+
+
+async def _call(fn):  # run a sync method on the loop thread
+    return fn()
+
+
+async def run(dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: Path | None) -> None:
+    cp = ControlPlane(dd)
+    if dd.spec.exists():
+        await cp.apply(dd.spec.read_text(encoding="utf-8"), str(dd.spec))
+    ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port)
+    admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port)
+    log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
+    try:
+        if watch is not None:
+            await cp.watch(watch)
+        else:
+            await asyncio.Event().wait()
+    finally:
+        admin.shutdown()
+        await ads.stop(grace=1)

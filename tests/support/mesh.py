@@ -1,0 +1,163 @@
+"""Drive a real local mesh from tests: the `greymesh` CLI, its status, and traffic through it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEMO_SPEC = ROOT / "deploy" / "demo" / "mesh.yaml"
+
+
+@dataclass
+class Reply:
+    status: int  # 0: no HTTP answer at all
+    body: dict | str
+
+    def subsets_seen(self, service: str) -> set[str]:
+        """Subsets of `service` anywhere in the nested answer."""
+        found: set[str] = set()
+
+        def walk(doc: object) -> None:
+            if isinstance(doc, dict):
+                if doc.get("service") == service and "subset" in doc:
+                    found.add(doc["subset"])
+                for v in doc.values():
+                    walk(v)
+            elif isinstance(doc, list):
+                for v in doc:
+                    walk(v)
+
+        walk(self.body)
+        return found
+
+
+def get(url: str, timeout: float = 5.0) -> Reply:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            raw, status = resp.read(), resp.status
+    except urllib.error.HTTPError as exc:
+        raw, status = exc.read(), exc.code
+    except OSError as exc:
+        return Reply(0, f"{type(exc).__name__}: {exc}")
+    try:
+        return Reply(status, json.loads(raw))
+    except ValueError:
+        return Reply(status, raw.decode("utf-8", "replace"))
+
+
+def wait_for(pred: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> float:
+    """Poll until pred() holds; return the seconds it took, or fail naming `what`."""
+    start = time.monotonic()
+    while not pred():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+    return time.monotonic() - start
+
+
+@dataclass
+class Traffic:
+    """Steady requests on a background thread, every reply kept with its send time."""
+
+    url: str
+    interval_s: float = 0.02
+    replies: list[tuple[float, Reply]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __enter__(self) -> Traffic:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            sent = time.monotonic()
+            self.replies.append((sent, get(self.url)))
+            self._stop.wait(max(0.0, self.interval_s - (time.monotonic() - sent)))
+
+    def failures(self) -> list[Reply]:
+        return [r for _, r in self.replies if r.status != 200]
+
+
+class Mesh:
+    """One running demo mesh in its own data dir."""
+
+    def __init__(self, data_dir: Path, spec_path: Path, xds_api: str):
+        self.data_dir = data_dir
+        self.spec_path = spec_path
+        self.xds_api = xds_api
+        self.baseline = yaml.safe_load(DEMO_SPEC.read_text())
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
+        proc = subprocess.run(
+            [sys.executable, "-m", "controlplane.cli", *args, "--data-dir", str(self.data_dir)],
+            capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"greymesh {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def up(self) -> None:
+        self.cli("up", str(self.spec_path), "--xds-api", self.xds_api, "--rps", "2")
+
+    def status(self) -> dict:
+        return json.loads(self.cli("status", "--json", check=False).stdout)
+
+    @property
+    def entrypoint(self) -> str:
+        return self.status()["entrypoint"]
+
+    def spec(self) -> dict:
+        """A fresh, mutable copy of the baseline spec."""
+        return copy.deepcopy(self.baseline)
+
+    def write_spec(self, doc: dict, path: Path | None = None) -> Path:
+        path = path or self.spec_path
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(yaml.safe_dump(doc, sort_keys=False))
+        os.replace(tmp, path)
+        return path
+
+    def apply(self, doc: dict) -> subprocess.CompletedProcess:
+        path = self.write_spec(doc, self.data_dir.parent / "candidate.yaml")
+        return self.cli("apply", str(path), check=False)
+
+    def nodes(self) -> dict:
+        return self.status().get("controlplane", {}).get("nodes", {})
+
+    def all_in_sync(self) -> bool:
+        nodes = self.nodes()
+        return bool(nodes) and all(n.get("in_sync") and n.get("connected") for n in nodes.values())
+
+    def envoy_stat(self, node: str, stat: str) -> int:
+        port = self.placement()["sidecars"][node]["admin"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=^{stat}$", timeout=5) as resp:
+            for line in resp.read().decode().splitlines():
+                name, _, value = line.partition(": ")
+                if name == stat:
+                    return int(value)
+        return 0
+
+    def placement(self) -> dict:
+        return json.loads((self.data_dir / "placement.json").read_text())
+
+
+def payments_route(doc: dict) -> dict:
+    return doc["services"]["payments"]["routes"][0]
