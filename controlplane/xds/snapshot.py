@@ -7,6 +7,7 @@ whose resources did not change keeps its snapshot version.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ class Resource:
     type_url: str
     body: bytes
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
         return _digest([self.body])
 
