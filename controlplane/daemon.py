@@ -14,7 +14,6 @@ problems).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -36,6 +35,7 @@ from controlplane.xds.status import NodeStatus
 log = logging.getLogger("greymesh.controlplane")
 
 WATCH_INTERVAL_S = 0.5
+MAX_SPEC_BYTES = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -121,8 +121,12 @@ class ControlPlane:
                 last_seen = "unreadable"
             else:
                 if sha != last_seen and (self.applied is None or sha != self.applied.sha256):
-                    with contextlib.suppress(SpecError):  # logged and shown in status by apply()
+                    try:
                         await self.apply(text, str(path))
+                    except SpecError:
+                        pass  # logged and shown in status by apply()
+                    except Exception:  # a bug must not stop the watch, nor the daemon
+                        log.exception("could not apply %s; the running config stays", path)
                 last_seen = sha
             await asyncio.sleep(WATCH_INTERVAL_S)
 
@@ -154,12 +158,18 @@ def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, 
                 self._send(404, {"errors": [f"no such endpoint {self.path}; try POST /apply"]})
                 return
             length = int(self.headers.get("Content-Length") or 0)
+            if length > MAX_SPEC_BYTES:
+                self._send(413, {"errors": [f"spec is {length} bytes; the limit is {MAX_SPEC_BYTES}"]})
+                return
             text = self.rfile.read(length).decode("utf-8", "replace")
             source = self.headers.get("X-Greymesh-Source") or "<POST /apply>"
             try:
                 changed = asyncio.run_coroutine_threadsafe(cp.apply(text, source), loop).result(60)
             except SpecError as exc:
                 self._send(400, {"errors": str(exc).splitlines()})
+            except Exception as exc:
+                log.exception("could not apply %s", source)
+                self._send(500, {"errors": [f"internal error, the running config stays: {exc!r}"]})
             else:
                 self._send(200, {"changed": changed})
 
