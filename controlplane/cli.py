@@ -18,6 +18,7 @@ from pathlib import Path
 
 from controlplane import runtime
 from controlplane.meshspec import SpecError
+from controlplane.xds.snapshot import TYPE_ORDER
 
 DEMO_SPEC = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "mesh.yaml"
 
@@ -227,17 +228,22 @@ def _render_status(doc: dict) -> str:
     nodes = cp.get("nodes", {})
     if nodes:
         lines.append("")
-        lines.append(f"{'SIDECAR':<20} {'XDS':<6} {'CONN':<5} {'IN SYNC':<8} {'SNAPSHOT':<17} LAST NACK")
+        lines.append(f"{'SIDECAR':<16} {'XDS':<6} {'CONN':<5} {'IN SYNC':<8} {'ACKED (CDS EDS LDS RDS)':<36} LAST NACK")
         for node, n in sorted(nodes.items()):
-            nack = _last_nack(n)
             lines.append(
-                f"{node:<20} {n.get('protocol') or '-':<6} {('yes' if n.get('connected') else 'no'):<5} "
-                f"{('yes' if n.get('in_sync') else 'NO'):<8} {(n.get('snapshot_version') or '-'):<17} {nack}"
+                f"{node:<16} {n.get('protocol') or '-':<6} {('yes' if n.get('connected') else 'no'):<5} "
+                f"{('yes' if n.get('in_sync') else 'NO'):<8} {_acked(n):<36} {_last_nack(n)}"
             )
     if "loadgen" in doc:
         lines.append("")
         lines.append(f"load: {doc['loadgen']['rps']} rps to {doc['loadgen']['url']}: outcomes {doc['loadgen']['outcomes']}")
     return "\n".join(lines)
+
+
+def _acked(node: dict) -> str:
+    """The version each type was last ACKed at, shortened (- for never)."""
+    types = node.get("types", {})
+    return " ".join(f"{(types.get(t, {}).get('acked_version') or '-')[:8]:<8}" for t in TYPE_ORDER)
 
 
 def _last_nack(node: dict) -> str:

