@@ -123,10 +123,21 @@ class Route:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Workload identity: SPIFFE IDs are spiffe://<trust_domain>/ns/<namespace>/sa/<service>."""
+
+    trust_domain: str = "greymesh.local"
+    svid_lifetime_s: float = 3600.0  # SVIDs are re-issued at half-life
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     instances: tuple[Instance, ...]
     calls: tuple[str, ...] = ()  # services this one may call (its sidecar gets routes only for these)
+    namespace: str = "default"
+    tags: tuple[str, ...] = ()  # facts policies can test, e.g. "pci", "gdpr-region:eu"
+    fail_open: bool = False  # allow requests when the policy engine is unreachable (logged)
     routes: tuple[Route, ...] = ()  # empty: one catch-all route spread over subsets by instance count
     connect_timeout_s: float = 1.0
     circuit_breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
@@ -143,6 +154,7 @@ class MeshSpec:
     name: str
     services: tuple[Service, ...]
     entrypoint: str  # the service whose ingress is the mesh's front door
+    identity: Identity = field(default_factory=Identity)
 
     def service(self, name: str) -> Service:
         for s in self.services:
@@ -284,6 +296,13 @@ class _Field:
         self._expected("a string", f' (quote it: "{_shorten(self.node.value)}")' if quotable else "")
         return None
 
+    def boolean(self) -> bool | None:
+        value = self._value()
+        if isinstance(value, bool):
+            return value
+        self._expected("true or false")
+        return None
+
     def integer(self, low: int, high: int = _UINT32_MAX) -> int | None:
         value = self._value()
         if isinstance(value, int) and not isinstance(value, bool):
@@ -399,6 +418,8 @@ class _Mapping:
 
 _LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 _ROUTE_NAME = re.compile(r"[a-z0-9_-]+")
+_TRUST_DOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
+_TAG = re.compile(r"[a-z0-9][a-z0-9:._-]{0,62}")
 _HEADER_NAME = re.compile(r":?[0-9A-Za-z!#$%&'*+.^_`|~-]+")  # an HTTP token; ':' starts a pseudo-header
 _RETRY_ON = (
     "5xx", "gateway-error", "reset", "connect-failure", "retriable-4xx", "refused-stream",
@@ -483,18 +504,30 @@ def _positive(f: _Field) -> int | None:
 
 
 def _mesh(root: _Field) -> MeshSpec | None:
-    top = root.mapping(("version", "mesh", "entrypoint", "services"))
+    top = root.mapping(("version", "mesh", "entrypoint", "identity", "services"))
     if top is None:
         return None
     top.need("version", _version)
     name = top.need("mesh", _label)
+    identity = top.read("identity", _identity, Identity())
     table = top.need("services", _Field.mapping)
     declared = tuple(table.entries) if table and table.entries else None
     entrypoint = top.need("entrypoint", lambda e: _reference(e, declared))
     services = None if table is None else _services(table)
     if name is None or entrypoint is None or services is None:
         return None
-    return MeshSpec(name=name, services=services, entrypoint=entrypoint)
+    return MeshSpec(name=name, services=services, entrypoint=entrypoint, identity=identity)
+
+
+def _identity(f: _Field) -> Identity | None:
+    m = f.mapping(("trust_domain", "svid_lifetime"))
+    if m is None:
+        return None
+    rule = "dot-separated lowercase labels, like 'greymesh.local' or 'prod.example.com'"
+    trust_domain = m.read("trust_domain", lambda t: _matching(t, _TRUST_DOMAIN, "trust domain", rule),
+                          Identity.trust_domain)
+    lifetime = m.read("svid_lifetime", _Field.duration, Identity.svid_lifetime_s)
+    return Identity(trust_domain=trust_domain, svid_lifetime_s=lifetime)
 
 
 def _version(f: _Field) -> int | None:
@@ -519,12 +552,16 @@ def _service(
     name: str, key: _Field, f: _Field, declared: tuple[str, ...], instance_names: dict[str, _Field]
 ) -> Service | None:
     valid_name = _label(key)
-    m = f.mapping(("calls", "instances", "connect_timeout", "circuit_breaker", "outlier_detection", "routes"))
+    m = f.mapping(("calls", "namespace", "tags", "authz", "instances", "connect_timeout", "circuit_breaker",
+                   "outlier_detection", "routes"))
     if m is None:
         return None
     instances = m.need("instances", lambda i: i.each(lambda x: _instance(x, instance_names), at_least_one="instance"))
     subsets = None if instances is None else _subsets_of(instances)
     calls = m.read("calls", lambda c: _distinct(c, lambda x: _callee(x, name, declared), "callee"), ())
+    namespace = m.read("namespace", _label, Service.namespace)
+    tags = m.read("tags", lambda t: _distinct(t, _tag, "tag"), ())
+    fail_open = m.read("authz", _authz, Service.fail_open)
     connect_timeout = m.read("connect_timeout", _Field.duration, Service.connect_timeout_s)
     circuit_breaker = m.read("circuit_breaker", _circuit_breaker, CircuitBreaker())
     outlier_detection = m.read("outlier_detection", _outlier_detection, None)
@@ -535,11 +572,24 @@ def _service(
         name=valid_name,
         instances=tuple(instances),
         calls=calls,
+        namespace=namespace,
+        tags=tags,
+        fail_open=fail_open,
         routes=routes,
         connect_timeout_s=connect_timeout,
         circuit_breaker=circuit_breaker,
         outlier_detection=outlier_detection,
     )
+
+
+def _tag(f: _Field) -> str | None:
+    return _matching(f, _TAG, "tag", "lowercase letters, digits and ':._-', like 'pci' or 'gdpr-region:eu'")
+
+
+def _authz(f: _Field) -> bool | None:
+    """The service's authorization stance; only `fail_open` so far."""
+    m = f.mapping(("fail_open",))
+    return None if m is None else m.read("fail_open", _Field.boolean, Service.fail_open)
 
 
 def _instance(f: _Field, names: dict[str, _Field]) -> Instance | None:

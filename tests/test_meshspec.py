@@ -208,7 +208,7 @@ def test_unknown_key_suggests_the_close_one():
 def test_unknown_key_without_a_close_one_lists_the_keys():
     text = edit("mesh: demo", "mesh: demo\ncolour: blue")
     assert only_problem(text) == Problem(
-        "colour", "unknown key 'colour'; expected one of: version, mesh, entrypoint, services", line_of(text, "colour")
+        "colour", "unknown key 'colour'; expected one of: version, mesh, entrypoint, identity, services", line_of(text, "colour")
     )
 
 
@@ -500,3 +500,27 @@ def test_random_value_mutations_of_the_demo_give_a_spec_or_a_spec_error():
     rng, demo = random.Random(7), yaml.safe_load(DEMO)
     texts = [yaml.safe_dump(_mutate_tree(copy.deepcopy(demo), rng), sort_keys=False) for _ in range(600)]
     assert sum(map(_check_outcome, texts)) > 300
+
+
+# --- identity and authorization fields ---------------------------------------------
+
+
+def test_identity_namespace_tags_and_fail_open_are_read():
+    text = edit("mesh: demo", "mesh: demo\nidentity: {trust_domain: prod.example.com, svid_lifetime: 90s}")
+    text = edit("  payments:\n", "  payments:\n    namespace: billing\n    tags: [pci, 'gdpr-region:eu']\n"
+                "    authz: {fail_open: true}\n", text)
+    spec = parse_spec(text)
+    assert (spec.identity.trust_domain, spec.identity.svid_lifetime_s) == ("prod.example.com", 90.0)
+    payments = spec.service("payments")
+    assert (payments.namespace, payments.tags, payments.fail_open) == ("billing", ("pci", "gdpr-region:eu"), True)
+    orders = spec.service("orders")
+    assert (orders.namespace, orders.tags, orders.fail_open) == ("default", (), False)
+
+
+def test_bad_trust_domain_and_fail_open_are_reported_with_lines():
+    text = edit("mesh: demo", "mesh: demo\nidentity:\n  trust_domain: Bad_Domain")
+    text = edit("  payments:\n", "  payments:\n    authz: {fail_open: sometimes}\n", text)
+    found = {p.path: p for p in problems(text)}
+    assert found["identity.trust_domain"].line == line_of(text, "trust_domain")
+    assert "not a valid trust domain" in found["identity.trust_domain"].message
+    assert found["services.payments.authz.fail_open"].message == "expected true or false, got 'sometimes'"
