@@ -90,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--egress-port", type=int, required=True)
     sp.add_argument("--calls", default="")
 
+    sp = cmd("run-authz", _run_authz, "internal: the ext_authz bridge between the sidecars and OPA")
+    data_dir(sp)
+    sp.add_argument("--host", default="127.0.0.1")
+    sp.add_argument("--port", type=int, required=True)
+    sp.add_argument("--opa-port", type=int, required=True)
+
     sp = cmd("run-loadgen", _run_loadgen, "internal: the demo load generator")
     data_dir(sp)
     sp.add_argument("--url", required=True)
@@ -186,6 +192,14 @@ def _run_service(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_authz(args: argparse.Namespace) -> int:
+    from controlplane import authz
+
+    _logging()
+    authz.serve(args.host, args.port, "127.0.0.1", args.opa_port).wait_for_termination()
+    return 0
+
+
 def _run_loadgen(args: argparse.Namespace) -> int:
     from controlplane.demo import loadgen
 
@@ -233,6 +247,7 @@ def _render_status(doc: dict) -> str:
             lines.append(
                 f"{node:<16} {n.get('protocol') or '-':<6} {('yes' if n.get('connected') else 'no'):<5} "
                 f"{('yes' if n.get('in_sync') else 'NO'):<8} {_acked(n):<36} {_last_nack(n)}"
+                + ("   [authz FAIL-OPEN]" if n.get("fail_open") else "")
             )
     if "loadgen" in doc:
         lines.append("")

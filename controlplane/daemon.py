@@ -53,6 +53,7 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.nodes = NodeStatus()
         self.applied: Applied | None = None
+        self.spec: MeshSpec | None = None
         self.last_rejected: dict | None = None
         self._lock = asyncio.Lock()
 
@@ -78,6 +79,7 @@ class ControlPlane:
             if source != str(self.dd.spec):
                 _write_atomic(self.dd.spec, text)
             self.applied = Applied(source, _sha256(text), time.time(), spec.name)
+            self.spec = spec
             self._journal("applied", source, text, changed=sorted(changed))
             log.info("applied %s (%s): %d sidecar(s) changed %s", source, self.applied.sha256[:12],
                      len(changed), sorted(changed))
@@ -104,6 +106,10 @@ class ControlPlane:
         for node, snap in snapshots.items():
             entry = nodes.setdefault(node, {"connected": 0, "in_sync": False, "types": {}})
             entry["snapshot_version"] = snap.version_key
+        for svc in self.spec.services if self.spec else ():
+            for inst in svc.instances:
+                if inst.name in nodes:
+                    nodes[inst.name].update(service=svc.name, fail_open=svc.fail_open)
         return {
             "spec": vars(self.applied) if self.applied else None,
             "last_rejected": self.last_rejected,

@@ -29,6 +29,7 @@ class SidecarPorts:
 class Placement:
     host: str
     sidecars: Mapping[str, SidecarPorts]  # by instance name (= sidecar node id)
+    authz: int | None = None  # the host's authorization bridge (ext_authz gRPC); None: no authz
 
     def ports(self, instance: str) -> SidecarPorts:
         try:
@@ -38,14 +39,16 @@ class Placement:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"host": self.host, "sidecars": {n: asdict(p) for n, p in sorted(self.sidecars.items())}},
+            {"host": self.host, "authz": self.authz,
+             "sidecars": {n: asdict(p) for n, p in sorted(self.sidecars.items())}},
             indent=2,
         )
 
     @classmethod
     def from_json(cls, text: str) -> Placement:
         raw = json.loads(text)
-        return cls(host=raw["host"], sidecars={n: SidecarPorts(**p) for n, p in raw["sidecars"].items()})
+        return cls(host=raw["host"], sidecars={n: SidecarPorts(**p) for n, p in raw["sidecars"].items()},
+                   authz=raw.get("authz"))
 
     @classmethod
     def load(cls, path: Path) -> Placement:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 
 from envoy_data_plane.envoy.config.cluster.v3 import (
@@ -32,12 +33,18 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     ClusterEdsClusterConfig,
     OutlierDetection,
 )
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog, AccessLogFilter, HeaderFilter
 from envoy_data_plane.envoy.config.core.v3 import (
     Address,
     AggregatedConfigSource,
     ApiVersion,
     ConfigSource,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    Http2ProtocolOptions,
     SocketAddress,
+    SubstitutionFormatString,
 )
 from envoy_data_plane.envoy.config.endpoint.v3 import (
     ClusterLoadAssignment,
@@ -57,13 +64,19 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedCluster,
     WeightedClusterClusterWeight,
 )
+from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.common.fault.v3 import FaultDelay
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
 from envoy_data_plane.envoy.extensions.filters.http.fault.v3 import FaultAbort, HttpFault
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
     HttpFilter,
     Rds,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
@@ -72,10 +85,14 @@ from envoy_data_plane.google.protobuf import Any
 import betterproto2
 
 from controlplane import meshspec as ms
-from controlplane.placement import Placement
+from controlplane.placement import Placement, SidecarPorts
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
 
 APP_CLUSTER = "inbound|app"
+AUTHZ_CLUSTER = "greymesh_authz"
+FAIL_OPEN_HEADER = "x-envoy-auth-failure-mode-allowed"
+EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 OUTBOUND_ROUTES = "outbound"
 FAULT_FILTER = "envoy.filters.http.fault"
 ROUTER_FILTER = "envoy.filters.http.router"
@@ -102,11 +119,26 @@ def build_snapshots(spec: ms.MeshSpec, placement: Placement) -> dict[str, Snapsh
             )
             shared.extend(_callee_resources(callee, host, endpoints))
         for inst in svc.instances:
-            ports = placement.ports(inst.name)
-            local = _local_resources(host, ports.app, ports.inbound, ports.outbound,
-                                     ports.ingress if svc.name == spec.entrypoint else None)
-            snapshots[inst.name] = Snapshot([*local, *shared])
+            local = _Local(
+                host=host,
+                ports=placement.ports(inst.name),
+                entrypoint=svc.name == spec.entrypoint,
+                authz_port=placement.authz,
+                fail_open=svc.fail_open,
+            )
+            snapshots[inst.name] = Snapshot([*_local_resources(local), *shared])
     return snapshots
+
+
+@dataclass(frozen=True)
+class _Local:
+    """What a sidecar's own listeners and clusters depend on (a memo key)."""
+
+    host: str
+    ports: SidecarPorts
+    entrypoint: bool  # gets the ingress listener
+    authz_port: int | None  # the authorization bridge; None: no ext_authz
+    fail_open: bool  # allow when the bridge cannot answer
 
 
 # envoy-data-plane (betterproto2 0.9.1) re-creates a pydantic validator for every
@@ -122,15 +154,19 @@ def _resource(type_url: str, name: str, msg: betterproto2.Message) -> Resource:
 
 
 @_memo
-def _local_resources(host: str, app: int, inbound: int, outbound: int, ingress: int | None) -> tuple[Resource, ...]:
-    """The sidecar's own listeners and the cluster of its local workload."""
+def _local_resources(local: _Local) -> tuple[Resource, ...]:
+    """The sidecar's own listeners, the cluster of its workload and of the authz bridge."""
+    authz = None if local.authz_port is None else _Authz(local.fail_open)
     out = [
-        _resource(CLUSTER, APP_CLUSTER, _static_cluster(APP_CLUSTER, host, app)),
-        _resource(LISTENER, "inbound", _listener("inbound", host, inbound)),
-        _resource(LISTENER, "outbound", _listener("outbound", host, outbound)),
+        _resource(CLUSTER, APP_CLUSTER, _static_cluster(APP_CLUSTER, local.host, local.ports.app)),
+        _resource(LISTENER, "inbound", _listener("inbound", local.host, local.ports.inbound, authz)),
+        _resource(LISTENER, "outbound", _listener("outbound", local.host, local.ports.outbound, None)),
     ]
-    if ingress is not None:
-        out.append(_resource(LISTENER, "ingress", _listener("ingress", host, ingress)))
+    if local.entrypoint:
+        # Traffic from outside has no mesh identity to authorize; edge policy is separate.
+        out.append(_resource(LISTENER, "ingress", _listener("ingress", local.host, local.ports.ingress, None)))
+    if local.authz_port is not None:
+        out.append(_resource(CLUSTER, AUTHZ_CLUSTER, _static_cluster(AUTHZ_CLUSTER, local.host, local.authz_port, http2=True)))
     return tuple(out)
 
 
@@ -156,31 +192,70 @@ def _callee_resources(
 # --- listeners -----------------------------------------------------------------
 
 
-def _listener(name: str, host: str, port: int) -> Listener:
+@dataclass(frozen=True)
+class _Authz:
+    fail_open: bool
+
+
+def _listener(name: str, host: str, port: int, authz: _Authz | None) -> Listener:
+    hcm = _http_connection_manager(name, authz)
     return Listener(
         name=name,
         address=_address(host, port),
-        filter_chains=[FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=_http_connection_manager(name))])],
+        filter_chains=[FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=hcm)])],
     )
 
 
 @functools.cache
-def _http_connection_manager(listener: str) -> Any:
-    """HTTP handling of a listener: ``outbound`` routes over RDS, the others to the local app."""
+def _http_connection_manager(listener: str, authz: _Authz | None) -> Any:
+    """HTTP handling of a listener: ``outbound`` routes over RDS, the others to the local app.
+
+    With ``authz``, every request is checked by the authorization bridge first.
+    """
+    filters = [HttpFilter(name=FAULT_FILTER, typed_config=Any.pack(HttpFault()))]
+    if authz is not None:
+        filters.append(HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=Any.pack(_ext_authz(authz))))
+    filters.append(HttpFilter(name=ROUTER_FILTER, typed_config=Any.pack(Router())))
     hcm = HttpConnectionManager(
         stat_prefix=listener,
         # Callers address services as http://orders or http://orders:8080; match on the name.
         strip_any_host_port=True,
-        http_filters=[
-            HttpFilter(name=FAULT_FILTER, typed_config=Any.pack(HttpFault())),
-            HttpFilter(name=ROUTER_FILTER, typed_config=Any.pack(Router())),
-        ],
+        http_filters=filters,
+        access_log=[_fail_open_log(listener)] if authz is not None and authz.fail_open else [],
     )
     if listener == "outbound":
         hcm.rds = Rds(config_source=_ADS, route_config_name=OUTBOUND_ROUTES)
     else:
         hcm.route_config = _app_routes(listener)
     return Any.pack(hcm)
+
+
+def _ext_authz(authz: _Authz) -> ExtAuthz:
+    return ExtAuthz(
+        grpc_service=GrpcService(
+            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER), timeout=timedelta(milliseconds=500)
+        ),
+        transport_api_version=ApiVersion.V3,
+        # Fail closed unless the service opted in; an allowed-on-failure request is marked
+        # with x-envoy-auth-failure-mode-allowed, which the access log below records.
+        failure_mode_allow=authz.fail_open,
+        failure_mode_allow_header_add=authz.fail_open,
+    )
+
+
+def _fail_open_log(listener: str) -> AccessLog:
+    """One line in the sidecar's log for every request let through because authz failed."""
+    line = (f"greymesh fail-open {listener}: %START_TIME% %DOWNSTREAM_PEER_URI_SAN% "
+            "%REQ(:METHOD)% %REQ(:PATH)% -> %RESPONSE_CODE% id=%REQ(X-REQUEST-ID)%\n")
+    return AccessLog(
+        name="envoy.access_loggers.stdout",
+        filter=AccessLogFilter(
+            header_filter=HeaderFilter(header=HeaderMatcher(name=FAIL_OPEN_HEADER, present_match=True))
+        ),
+        typed_config=Any.pack(
+            StdoutAccessLog(log_format=SubstitutionFormatString(text_format_source=DataSource(inline_string=line)))
+        ),
+    )
 
 
 def _app_routes(name: str) -> RouteConfiguration:
@@ -295,13 +370,19 @@ def _eds_cluster(name: str, callee: ms.Service) -> Cluster:
     return cluster
 
 
-def _static_cluster(name: str, host: str, port: int) -> Cluster:
-    return Cluster(
+def _static_cluster(name: str, host: str, port: int, *, http2: bool = False) -> Cluster:
+    cluster = Cluster(
         name=name,
         type=ClusterDiscoveryType.STATIC,
         connect_timeout=timedelta(seconds=1),
         load_assignment=_load_assignment(name, host, (port,)),
     )
+    if http2:  # gRPC services
+        options = HttpProtocolOptions(
+            explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+        )
+        cluster.typed_extension_protocol_options = {HTTP_OPTIONS: Any.pack(options)}
+    return cluster
 
 
 def _load_assignment(name: str, host: str, ports: Iterable[int]) -> ClusterLoadAssignment:
