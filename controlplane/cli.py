@@ -18,7 +18,7 @@ from pathlib import Path
 
 from controlplane import runtime
 from controlplane.meshspec import SpecError
-from controlplane.xds.snapshot import TYPE_ORDER
+from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPE_ORDER
 
 DEMO_SPEC = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "mesh.yaml"
 
@@ -242,17 +242,21 @@ def _render_status(doc: dict) -> str:
     nodes = cp.get("nodes", {})
     if nodes:
         lines.append("")
-        lines.append(f"{'SIDECAR':<16} {'XDS':<6} {'CONN':<5} {'IN SYNC':<8} {'ACKED (CDS EDS LDS RDS)':<36} LAST NACK")
+        acked = f"ACKED ({' '.join(_SHORT_TYPE[t] for t in TYPE_ORDER)})"
+        lines.append(f"{'SIDECAR':<16} {'XDS':<6} {'CONN':<5} {'IN SYNC':<8} {acked:<45} LAST NACK")
         for node, n in sorted(nodes.items()):
             lines.append(
                 f"{node:<16} {n.get('protocol') or '-':<6} {('yes' if n.get('connected') else 'no'):<5} "
-                f"{('yes' if n.get('in_sync') else 'NO'):<8} {_acked(n):<36} {_last_nack(n)}"
+                f"{('yes' if n.get('in_sync') else 'NO'):<8} {_acked(n):<45} {_last_nack(n)}"
                 + ("   [authz FAIL-OPEN]" if n.get("fail_open") else "")
             )
     if "loadgen" in doc:
         lines.append("")
         lines.append(f"load: {doc['loadgen']['rps']} rps to {doc['loadgen']['url']}: outcomes {doc['loadgen']['outcomes']}")
     return "\n".join(lines)
+
+
+_SHORT_TYPE = {CLUSTER: "CDS", ENDPOINT: "EDS", SECRET: "SDS", LISTENER: "LDS", ROUTE: "RDS"}
 
 
 def _acked(node: dict) -> str:

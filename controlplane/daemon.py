@@ -21,21 +21,26 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from controlplane import jsonhttp
+from controlplane.identity import CertificateAuthority, Svid, needs_renewal
 from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
 from controlplane.placement import Placement
 from controlplane.runtime import DataDir
-from controlplane.translate import build_snapshots
+from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import start_ads_server
 from controlplane.xds.cache import SnapshotCache
+from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import NodeStatus
 
 log = logging.getLogger("greymesh.controlplane")
 
 WATCH_INTERVAL_S = 0.5
+RENEW_CHECK_S = 1.0
+LIFETIME_SLACK = timedelta(seconds=1)  # certificates hold whole seconds
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 
 
@@ -54,7 +59,10 @@ class ControlPlane:
         self.nodes = NodeStatus()
         self.applied: Applied | None = None
         self.spec: MeshSpec | None = None
+        self.placement: Placement | None = None
         self.last_rejected: dict | None = None
+        self.svids: dict[str, Svid] = {}  # by node id
+        self._cas: dict[str, CertificateAuthority] = {}  # by trust domain
         self._lock = asyncio.Lock()
 
     async def apply(self, text: str, source: str) -> list[str]:
@@ -65,25 +73,69 @@ class ControlPlane:
         async with self._lock:
             try:
                 spec = parse_spec(text, source=source)
-                snapshots = build_snapshots(spec, self._placement(spec, source))
+                placement = self._placement(spec, source)
+                snapshots = build_snapshots(spec, placement, self._identities(spec))
             except SpecError as exc:
                 self.last_rejected = {"source": source, "at": time.time(), "errors": str(exc).splitlines()}
                 self._journal("rejected", source, text, errors=self.last_rejected["errors"])
                 log.error("refused %s; the running config stays:\n%s", source, exc)
                 raise
-            changed = [node for node, snap in snapshots.items() if self.cache.set_snapshot(node, snap)]
-            for gone in set(self.cache.node_ids()) - snapshots.keys():
-                self.cache.clear(gone)
-                self.nodes.forget(gone)
-                changed.append(gone)
+            changed = self._swap(snapshots)
             if source != str(self.dd.spec):
                 _write_atomic(self.dd.spec, text)
             self.applied = Applied(source, _sha256(text), time.time(), spec.name)
-            self.spec = spec
+            self.spec, self.placement = spec, placement
             self._journal("applied", source, text, changed=sorted(changed))
             log.info("applied %s (%s): %d sidecar(s) changed %s", source, self.applied.sha256[:12],
                      len(changed), sorted(changed))
             return sorted(changed)
+
+    def _swap(self, snapshots: dict[str, Snapshot]) -> list[str]:
+        """Install a complete set of snapshots; return the nodes whose config changed."""
+        changed = [node for node, snap in snapshots.items() if self.cache.set_snapshot(node, snap)]
+        for gone in set(self.cache.node_ids()) - snapshots.keys():
+            self.cache.clear(gone)
+            self.nodes.forget(gone)
+            self.svids.pop(gone, None)
+            changed.append(gone)
+        return changed
+
+    def _identities(self, spec: MeshSpec, now: datetime | None = None) -> Identities:
+        """An SVID for every node, issuing those that are missing, due for renewal or stale.
+
+        The CA of each trust domain lives in its own 0700 directory under the data dir.
+        """
+        now = now or datetime.now(UTC)
+        td = spec.identity.trust_domain
+        ca = self._cas.get(td)
+        if ca is None:
+            ca = self._cas[td] = CertificateAuthority.load_or_create(self.dd.root / "ca" / td, td)
+        lifetime = timedelta(seconds=spec.identity.svid_lifetime_s)
+        for svc in spec.services:
+            wanted = service_identity(spec, svc)
+            for inst in svc.instances:
+                svid = self.svids.get(inst.name)
+                lifetime_changed = abs(svid.not_after - svid.issued_at - lifetime) > LIFETIME_SLACK if svid else False
+                if svid is None or svid.spiffe_id != wanted or needs_renewal(svid, now) or lifetime_changed:
+                    self.svids[inst.name] = ca.issue(wanted, lifetime, now)
+        return Identities(svids=dict(self.svids), bundle_pem=ca.trust_bundle_pem())
+
+    async def renew(self) -> None:
+        """Re-issue SVIDs at half-life, forever; only the renewed sidecars get a push (SDS)."""
+        while True:
+            spec = self.spec
+            interval = RENEW_CHECK_S if spec is None else min(RENEW_CHECK_S, spec.identity.svid_lifetime_s / 10)
+            await asyncio.sleep(interval)
+            now = datetime.now(UTC)
+            if spec is None or not any(needs_renewal(s, now) for s in self.svids.values()):
+                continue
+            async with self._lock:
+                try:
+                    changed = self._swap(build_snapshots(self.spec, self.placement, self._identities(self.spec, now)))
+                except Exception:  # keep serving the current SVIDs; try again next round
+                    log.exception("SVID renewal failed")
+                    continue
+            log.info("renewed SVIDs of %d sidecar(s)", len(changed))
 
     def _placement(self, spec: MeshSpec, source: str) -> Placement:
         placement = Placement.load(self.dd.placement)
@@ -195,6 +247,7 @@ async def run(dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: 
     cp = ControlPlane(dd)
     if dd.spec.exists():
         await cp.apply(dd.spec.read_text(encoding="utf-8"), str(dd.spec))
+    renewals = asyncio.create_task(cp.renew())
     ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port)
     admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port)
     log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
@@ -204,5 +257,6 @@ async def run(dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: 
         else:
             await asyncio.Event().wait()
     finally:
+        renewals.cancel()
         admin.shutdown()
         await ads.stop(grace=1)

@@ -21,7 +21,7 @@ Resources are built with envoy-data-plane's typed messages and serialized once h
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -85,7 +85,9 @@ from envoy_data_plane.google.protobuf import Any
 import betterproto2
 
 from controlplane import meshspec as ms
+from controlplane.identity import Svid, spiffe_id
 from controlplane.placement import Placement, SidecarPorts
+from controlplane.sds import bundle_secret, downstream_tls, svid_secret, upstream_tls
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
 
 APP_CLUSTER = "inbound|app"
@@ -105,19 +107,40 @@ def outbound_cluster(service: str, subset: str) -> str:
     return f"outbound|{service}|{subset}"
 
 
-def build_snapshots(spec: ms.MeshSpec, placement: Placement) -> dict[str, Snapshot]:
-    """One snapshot per instance (node id = instance name) of the whole mesh."""
+@dataclass(frozen=True)
+class Identities:
+    """Every sidecar's SVID and the mesh's trust bundle: with these, sidecars talk mTLS only."""
+
+    svids: Mapping[str, Svid]  # by node id
+    bundle_pem: bytes
+
+
+def service_identity(spec: ms.MeshSpec, svc: ms.Service) -> str:
+    return spiffe_id(spec.identity.trust_domain, svc.namespace, svc.name)
+
+
+def build_snapshots(
+    spec: ms.MeshSpec, placement: Placement, identities: Identities | None = None
+) -> dict[str, Snapshot]:
+    """One snapshot per instance (node id = instance name) of the whole mesh.
+
+    With ``identities``, every inbound listener requires a client SVID of the trust
+    domain and every outbound cluster requires the callee's exact SPIFFE ID.
+    """
     host = placement.host
+    trust_domain = spec.identity.trust_domain if identities else None
+    bundle = [bundle_secret(identities.bundle_pem, trust_domain)] if identities else []
     snapshots: dict[str, Snapshot] = {}
     for svc in spec.services:
         called = tuple(spec.service(name) for name in svc.calls)
-        shared = [_outbound_routes(called)]  # identical for every instance of svc
+        shared = [_outbound_routes(called), *bundle]  # identical for every instance of svc
         for callee in called:
             endpoints = tuple(
                 (subset, tuple(placement.ports(i.name).inbound for i in callee.instances if i.subset == subset))
                 for subset in callee.subsets
             )
-            shared.extend(_callee_resources(callee, host, endpoints))
+            server_id = service_identity(spec, callee) if identities else None
+            shared.extend(_callee_resources(callee, host, endpoints, server_id))
         for inst in svc.instances:
             local = _Local(
                 host=host,
@@ -125,8 +148,10 @@ def build_snapshots(spec: ms.MeshSpec, placement: Placement) -> dict[str, Snapsh
                 entrypoint=svc.name == spec.entrypoint,
                 authz_port=placement.authz,
                 fail_open=svc.fail_open,
+                trust_domain=trust_domain,
             )
-            snapshots[inst.name] = Snapshot([*_local_resources(local), *shared])
+            own = [svid_secret(identities.svids[inst.name])] if identities else []
+            snapshots[inst.name] = Snapshot([*_local_resources(local), *own, *shared])
     return snapshots
 
 
@@ -139,6 +164,7 @@ class _Local:
     entrypoint: bool  # gets the ingress listener
     authz_port: int | None  # the authorization bridge; None: no ext_authz
     fail_open: bool  # allow when the bridge cannot answer
+    trust_domain: str | None  # inbound requires mTLS from this trust domain; None: plaintext
 
 
 # envoy-data-plane (betterproto2 0.9.1) re-creates a pydantic validator for every
@@ -159,12 +185,12 @@ def _local_resources(local: _Local) -> tuple[Resource, ...]:
     authz = None if local.authz_port is None else _Authz(local.fail_open)
     out = [
         _resource(CLUSTER, APP_CLUSTER, _static_cluster(APP_CLUSTER, local.host, local.ports.app)),
-        _resource(LISTENER, "inbound", _listener("inbound", local.host, local.ports.inbound, authz)),
-        _resource(LISTENER, "outbound", _listener("outbound", local.host, local.ports.outbound, None)),
+        _resource(LISTENER, "inbound", _listener("inbound", local.host, local.ports.inbound, authz, local.trust_domain)),
+        _resource(LISTENER, "outbound", _listener("outbound", local.host, local.ports.outbound, None, None)),
     ]
     if local.entrypoint:
-        # Traffic from outside has no mesh identity to authorize; edge policy is separate.
-        out.append(_resource(LISTENER, "ingress", _listener("ingress", local.host, local.ports.ingress, None)))
+        # Traffic from outside has no mesh identity to verify; edge policy is separate.
+        out.append(_resource(LISTENER, "ingress", _listener("ingress", local.host, local.ports.ingress, None, None)))
     if local.authz_port is not None:
         out.append(_resource(CLUSTER, AUTHZ_CLUSTER, _static_cluster(AUTHZ_CLUSTER, local.host, local.authz_port, http2=True)))
     return tuple(out)
@@ -178,13 +204,19 @@ def _outbound_routes(called: tuple[ms.Service, ...]) -> Resource:
 
 @_memo
 def _callee_resources(
-    callee: ms.Service, host: str, endpoints: tuple[tuple[str, tuple[int, ...]], ...]
+    callee: ms.Service, host: str, endpoints: tuple[tuple[str, tuple[int, ...]], ...], server_id: str | None
 ) -> tuple[Resource, ...]:
-    """What a caller needs to reach ``callee``: an EDS cluster and its endpoints per subset."""
+    """What a caller needs to reach ``callee``: an EDS cluster and its endpoints per subset.
+
+    With ``server_id``, connections are mTLS and the callee must present that SPIFFE ID.
+    """
     out = []
     for subset, ports in endpoints:
         name = outbound_cluster(callee.name, subset)
-        out.append(_resource(CLUSTER, name, _eds_cluster(name, callee)))
+        cluster = _eds_cluster(name, callee)
+        if server_id is not None:
+            cluster.transport_socket = upstream_tls(server_id)
+        out.append(_resource(CLUSTER, name, cluster))
         out.append(_resource(ENDPOINT, name, _load_assignment(name, host, ports)))
     return tuple(out)
 
@@ -197,13 +229,11 @@ class _Authz:
     fail_open: bool
 
 
-def _listener(name: str, host: str, port: int, authz: _Authz | None) -> Listener:
-    hcm = _http_connection_manager(name, authz)
-    return Listener(
-        name=name,
-        address=_address(host, port),
-        filter_chains=[FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=hcm)])],
-    )
+def _listener(name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None) -> Listener:
+    chain = FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=_http_connection_manager(name, authz))])
+    if trust_domain is not None:
+        chain.transport_socket = downstream_tls(trust_domain)
+    return Listener(name=name, address=_address(host, port), filter_chains=[chain])
 
 
 @functools.cache

@@ -17,10 +17,17 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
 ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
 
 # Make-before-break order for ADS pushes: clusters before the endpoints that fill
 # them, listeners before the routes they name (Envoy's xDS ordering guidance).
-TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, LISTENER, ROUTE)
+# Secrets are named by clusters (upstream TLS) and listeners (downstream TLS), and
+# Envoy asks for a name once something references it, so a new name always follows
+# its parent.  A changed secret pushed with other changes goes after the clusters
+# and endpoints but before listeners and routes, so a cluster's certificate and
+# trust bundle are current before traffic is routed to it (go-control-plane sends
+# secrets last).  See docs/identity.md.
+TYPE_ORDER: tuple[str, ...] = (CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE)
 
 # Types Envoy subscribes to as a wildcard (all resources); the others by name.
 WILDCARD_TYPES = frozenset({CLUSTER, LISTENER})
