@@ -1,0 +1,317 @@
+"""OPA decision logs -> typed, versioned audit records of every authorization decision.
+
+OPA's decision-log plugin batches the decisions it made and POSTs each batch, a
+gzip'ed JSON array, to ``<service url>/logs``.  This receiver turns every entry
+for the mesh's authorization rule into an :class:`AuditRecord`.  The record holds
+who called whom, what was asked, the verdict, the reason and the policy hash.  It
+hands each record to a *sink*, a plain callable.  Today's sink appends JSON lines
+to a file (:class:`JsonlSink`); the tap pipeline will swap in a Kafka producer.
+
+Delivery is at-least-once.  When the sink fails, the batch is answered 500 and OPA
+sends it again, including records already written.  Consumers therefore deduplicate
+on ``decision_id``.  A malformed body is answered 400, counted and dropped, and the
+receiver keeps serving.
+
+:func:`opa_config` and :func:`opa_argv` say how to run OPA so that it reports here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import threading
+import zlib
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any, TextIO
+
+from controlplane.jsonhttp import JsonHandler, serve
+from controlplane.policy import DECISION_PATH, TEST_SUFFIX
+
+log = logging.getLogger("greymesh.decisionlog")
+
+SCHEMA = "greymesh.authz.decision"
+SCHEMA_VERSION = 1
+LOGS_PATH = "/logs"  # where OPA posts when decision_logs.resource is not set
+SERVICE_NAME = "greymesh-decision-log"
+MAX_BODY_BYTES = 8 << 20  # OPA's uploads are capped at 32 KiB by default
+MAX_JSON_BYTES = 64 << 20  # decompressed: a small gzip body must not inflate without bound
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One authorization decision, as audit consumers read it (schema SCHEMA, version SCHEMA_VERSION)."""
+
+    time: str  # RFC 3339, from OPA
+    decision_id: str  # OPA's; unique per decision, the key to deduplicate on
+    caller: str  # SPIFFE ID of the caller ("" when it presented none)
+    callee: str  # SPIFFE ID of the callee
+    method: str
+    path: str  # without the query string, which may carry secrets
+    allow: bool
+    reason: str
+    policy_hash: str  # sha256 of the policy that decided ("" for one not pushed by greymesh)
+    schema: str = SCHEMA
+    version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), separators=(",", ":"))
+
+    @classmethod
+    def from_entry(cls, entry: object) -> AuditRecord | None:
+        """The record of one decision-log entry; None for queries other than the
+        authorization decision (OPA logs every data API query).  ValueError if malformed."""
+        if not isinstance(entry, Mapping):
+            raise ValueError(f"entry is {type(entry).__name__}, not an object")
+        if entry.get("path") != DECISION_PATH:
+            return None
+        attrs = ("input", "attributes")
+        http = (*attrs, "request", "http")
+        result = entry.get("result")
+        if result is None:  # evaluation failed; the bridge denied the request
+            error = _field(entry, ("error", "message"), "no result")
+            allow, reason, policy_hash = False, f"no decision: {error}", ""
+        else:
+            allow = _field(result, ("allow",), None, bool)
+            reason = _field(result, ("reason",), "")
+            policy_hash = _field(result, ("policy_hash",), "")
+        return cls(
+            time=_field(entry, ("timestamp",), None),
+            decision_id=_field(entry, ("decision_id",), None),
+            caller=_field(entry, (*attrs, "source", "principal"), ""),
+            callee=_field(entry, (*attrs, "destination", "principal"), ""),
+            method=_field(entry, (*http, "method"), ""),
+            path=_field(entry, (*http, "path"), "").split("?", 1)[0],
+            allow=allow,
+            reason=reason,
+            policy_hash=policy_hash,
+        )
+
+
+def _field(doc: object, keys: tuple[str, ...], default: Any, kind: type = str) -> Any:
+    """doc[k1][k2]...: `default` when absent (ValueError if default is None), ValueError if not of `kind`."""
+    value: Any = doc
+    for key in keys:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{'.'.join(keys)}: {key!r} is inside a {type(value).__name__}, not an object")
+        if key not in value:
+            if default is None:
+                raise ValueError(f"{'.'.join(keys)}: missing")
+            return default
+        value = value[key]
+    if not isinstance(value, kind):
+        raise ValueError(f"{'.'.join(keys)}: {type(value).__name__}, not {kind.__name__}")
+    return value
+
+
+Sink = Callable[[AuditRecord], None]
+
+
+class JsonlSink:
+    """Appends each record as one JSON line; safe to share between handler threads."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._file: TextIO = path.open("a", encoding="utf-8")
+        self._lock = threading.Lock()
+
+    def __call__(self, record: AuditRecord) -> None:
+        with self._lock:
+            self._file.write(record.to_json() + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+@dataclass
+class ReceiverStats:
+    batches: int = 0  # bodies accepted
+    records: int = 0  # records of accepted batches, handed to the sink
+    ignored: int = 0  # entries for queries other than the authorization decision
+    bad_entries: int = 0  # entries skipped inside an accepted batch
+    malformed: int = 0  # bodies refused with 400/413 (not gzip, not JSON, not an array, too large)
+    sink_failures: int = 0  # batches answered 500 because the sink raised
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            for name, n in counts.items():
+                setattr(self, name, getattr(self, name) + n)
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return {k: v for k, v in vars(self).items() if not k.startswith("_")}
+
+
+class _Malformed(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class DecisionLogReceiver:
+    """OPA's decision-log service on host:port (port 0: any free one); use as a context manager."""
+
+    def __init__(self, sink: Sink, host: str = "127.0.0.1", port: int = 0):
+        self.sink = sink
+        self.stats = ReceiverStats()
+        self._server: ThreadingHTTPServer = serve(self._handler(), host, port)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="decisionlog", daemon=True)
+
+    @property
+    def url(self) -> str:
+        """The service URL for OPA's config (OPA appends /logs)."""
+        host, port = self._server.server_address[:2]
+        return f"http://{host!s}:{port}"
+
+    def start(self) -> DecisionLogReceiver:
+        self._thread.start()
+        log.info("decision-log receiver on %s%s", self.url, LOGS_PATH)
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
+
+    def __enter__(self) -> DecisionLogReceiver:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def receive(self, body: bytes, content_encoding: str) -> dict[str, int]:
+        """Decode one batch and feed its records to the sink; the counts for the reply.
+        _Malformed for a body that is not a (gzip'ed) JSON array."""
+        try:
+            entries = json.loads(_gunzip(body) if content_encoding == "gzip" else body)
+        except (zlib.error, ValueError) as exc:
+            raise _Malformed(400, f"not a JSON body (Content-Encoding {content_encoding or 'none'}): {exc}") from None
+        if not isinstance(entries, list):
+            raise _Malformed(400, f"body is a JSON {type(entries).__name__}, not an array of decisions")
+        counts = {"records": 0, "ignored": 0, "bad_entries": 0}
+        for i, entry in enumerate(entries):
+            try:
+                record = AuditRecord.from_entry(entry)
+            except ValueError as exc:
+                log.warning("decision log entry %d skipped: %s", i, exc)
+                counts["bad_entries"] += 1
+                continue
+            if record is None:
+                counts["ignored"] += 1
+            else:
+                self.sink(record)
+                counts["records"] += 1
+        return counts
+
+    def _handler(self) -> type[JsonHandler]:
+        receiver = self
+
+        class Handler(JsonHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/stats":
+                    self.send_json(200, receiver.stats.snapshot())
+                else:
+                    self.send_json(404, {"error": f"no {self.path} here; OPA posts to {LOGS_PATH}"})
+
+            def do_POST(self) -> None:  # noqa: N802
+                if self.path != LOGS_PATH:
+                    self.send_json(404, {"error": f"no {self.path} here; OPA posts to {LOGS_PATH}"})
+                    return
+                try:
+                    counts = receiver.receive(self._body(), self.headers.get("Content-Encoding", "").strip().lower())
+                except _Malformed as exc:
+                    receiver.stats.add(malformed=1)
+                    log.warning("decision log batch refused (%d): %s", exc.status, exc)
+                    self.send_json(exc.status, {"error": str(exc)})
+                except Exception as exc:  # the sink failed: OPA keeps the batch and retries
+                    receiver.stats.add(sink_failures=1)
+                    log.exception("decision log sink failed")
+                    self.send_json(500, {"error": f"sink failed: {type(exc).__name__}: {exc}"})
+                else:
+                    receiver.stats.add(batches=1, **counts)
+                    self.send_json(200, counts)
+
+            def _body(self) -> bytes:
+                try:
+                    length = int(self.headers.get("Content-Length", ""))
+                except ValueError:
+                    self.close_connection = True  # no framing: the rest of the stream is unusable
+                    raise _Malformed(411, "Content-Length required") from None
+                if not 0 <= length <= MAX_BODY_BYTES:
+                    self.close_connection = True  # the body is left unread
+                    raise _Malformed(413, f"body of {length} bytes; at most {MAX_BODY_BYTES}")
+                return self.rfile.read(length)
+
+        return Handler
+
+
+def _gunzip(body: bytes) -> bytes:
+    d = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)  # gzip framing
+    out = d.decompress(body, MAX_JSON_BYTES)
+    if d.unconsumed_tail:
+        raise ValueError(f"inflates beyond {MAX_JSON_BYTES} bytes")
+    if not d.eof:
+        raise ValueError("truncated gzip stream")
+    return out
+
+
+# --- how to run OPA so that it reports here -------------------------------------------
+
+
+def opa_config(decision_log_url: str) -> dict[str, Any]:
+    """OPA's config file content: report every decision to decision_log_url (the
+    receiver's url) once a second, so records land within about two seconds."""
+    return {
+        "services": {SERVICE_NAME: {"url": decision_log_url}},
+        "decision_logs": {
+            "service": SERVICE_NAME,
+            "reporting": {"min_delay_seconds": 1, "max_delay_seconds": 1},  # OPA's defaults: 300 and 600
+        },
+    }
+
+
+def opa_argv(opa_binary: Path, addr: str, config_path: Path) -> list[str]:
+    """`opa run --server` on addr (host:port, loopback only: OPA's REST API has no
+    authentication here), reporting as config_path says.
+
+    It starts with no policy, so every decision fails (closed) until the first
+    `controlplane.policy.push`, which `greymesh up` makes as soon as OPA answers.
+    Loading the files at start instead would give the modules path-derived IDs that
+    a push from another checkout could not replace."""
+    host = addr.rpartition(":")[0].strip("[]")
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        raise ValueError(f"OPA must listen on loopback, not {addr}")
+    return [str(opa_binary), "run", "--server", "--addr", addr, "--config-file", str(config_path),
+            "--skip-version-check"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a receiver that appends records to a JSONL file until interrupted."""
+    p = argparse.ArgumentParser(prog="python -m tapstream.decisionlog", description=main.__doc__)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--out", type=Path, required=True, help="JSONL file the audit records are appended to")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sink = JsonlSink(args.out)
+    receiver = DecisionLogReceiver(sink, args.host, args.port).start()
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        receiver.stop()
+        sink.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
