@@ -1,6 +1,6 @@
 """The `greymesh` command.
 
-User commands: up, down, status, apply, doctor.  The run-* commands are what `up`
+User commands: up, down, status, apply, policy (test, push, diff, eval), doctor.  The run-* commands are what `up`
 starts as separate processes (control plane, demo services, load generator); they
 are listed under "internal" in --help.
 Exit codes: 0 done, 1 failed at run time, 2 refused input (the message says why).
@@ -70,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("spec", type=Path)
     data_dir(sp)
 
+    from controlplane import policy  # its OPA client loads lazily; this only adds the subcommands
+
+    policy.register_cli(sub, data_dir)
+
     sp = cmd("doctor", _doctor, "list the external components greymesh uses and how to install missing ones")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--component", help=argparse.SUPPRESS)
@@ -81,6 +85,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--xds-port", type=int, required=True)
     sp.add_argument("--admin-port", type=int, required=True)
     sp.add_argument("--watch", type=Path)
+    sp.add_argument("--opa-port", type=int, help="keep this OPA's mesh data in sync with the spec")
 
     sp = cmd("run-service", _run_service, "internal: a demo service")
     data_dir(sp)
@@ -179,7 +184,7 @@ def _run_controlplane(args: argparse.Namespace) -> int:
 
     _logging()
     asyncio.run(daemon.run(runtime.DataDir(args.data_dir), host=args.host, xds_port=args.xds_port,
-                           admin_port=args.admin_port, watch=args.watch))
+                           admin_port=args.admin_port, watch=args.watch, opa_port=args.opa_port))
     return 0
 
 

@@ -20,6 +20,7 @@ import logging
 import os
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
@@ -29,6 +30,7 @@ from controlplane import jsonhttp
 from controlplane.identity import CertificateAuthority, Svid, needs_renewal
 from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
 from controlplane.placement import Placement
+from controlplane.policy import MESH_DATA_PATH
 from controlplane.runtime import DataDir
 from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import start_ads_server
@@ -40,6 +42,7 @@ log = logging.getLogger("greymesh.controlplane")
 
 WATCH_INTERVAL_S = 0.5
 RENEW_CHECK_S = 1.0
+POLICY_SYNC_S = 1.0
 LIFETIME_SLACK = timedelta(seconds=1)  # certificates hold whole seconds
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 
@@ -243,11 +246,45 @@ async def _call(fn):  # run a sync method on the loop thread
     return fn()
 
 
-async def run(dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: Path | None) -> None:
+async def sync_policy_data(cp: ControlPlane, opa_url: str) -> None:
+    """Keep OPA's copy of the mesh (identities, tags, who calls whom) equal to the spec's.
+
+    Checked every second rather than pushed once, because OPA keeps data in memory:
+    after OPA restarts, its policy comes back from disk and its data from here.
+    """
+    from controlplane import policy
+
+    pushed_for: MeshSpec | None = None
+    while True:
+        spec = cp.spec
+        if spec is not None:
+            desired = policy.mesh_data(spec)
+            try:
+                if spec is not pushed_for or await asyncio.to_thread(_opa_data, opa_url) != desired:
+                    await asyncio.to_thread(policy.push_mesh_data, opa_url, desired)
+                    log.info("pushed mesh data for %d services to OPA", len(desired["services"]))
+                    pushed_for = spec
+            except (OSError, ValueError, policy.OpaUnavailable, policy.PolicyError) as exc:
+                if pushed_for is not None:
+                    log.warning("cannot sync mesh data to OPA at %s: %s", opa_url, exc)
+                pushed_for = None
+        await asyncio.sleep(POLICY_SYNC_S)
+
+
+def _opa_data(opa_url: str) -> object:
+    with urllib.request.urlopen(f"{opa_url}/v1/data/{MESH_DATA_PATH}", timeout=2) as resp:
+        return json.loads(resp.read()).get("result")
+
+
+async def run(
+    dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: Path | None, opa_port: int | None = None
+) -> None:
     cp = ControlPlane(dd)
     if dd.spec.exists():
         await cp.apply(dd.spec.read_text(encoding="utf-8"), str(dd.spec))
-    renewals = asyncio.create_task(cp.renew())
+    background = [asyncio.create_task(cp.renew())]
+    if opa_port is not None:
+        background.append(asyncio.create_task(sync_policy_data(cp, f"http://{host}:{opa_port}")))
     ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port)
     admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port)
     log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
@@ -257,6 +294,7 @@ async def run(dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: 
         else:
             await asyncio.Event().wait()
     finally:
-        renewals.cancel()
+        for task in background:
+            task.cancel()
         admin.shutdown()
         await ads.stop(grace=1)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import getpass
 import json
 import os
 import signal
@@ -29,6 +30,7 @@ from pathlib import Path
 from controlplane.bootstrap import XdsApi, sidecar_bootstrap
 from controlplane.meshspec import MeshSpec, load_spec
 from controlplane.placement import Placement, SidecarPorts
+from controlplane.policy import POLICY_DIR, POLICY_META_PATH
 
 HOST = "127.0.0.1"
 # Below Linux's ephemeral range (32768+), so outgoing connections never take our ports.
@@ -157,11 +159,52 @@ def placement_of(spec: MeshSpec, state: RuntimeState) -> Placement:
             for s in spec.services
             for i in s.instances
         },
+        authz=state.ports[AUTHZ],
     )
 
 
 _ROLES = ("app", "inbound", "outbound", "ingress", "admin")
 CP_XDS, CP_ADMIN = "controlplane.xds", "controlplane.admin"
+OPA_HTTP, DECISIONS, AUTHZ = "opa.http", "decisions.http", "authz.grpc"
+HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, DECISIONS, AUTHZ)
+
+
+def _start_policy_engine(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
+    """One OPA per host, fed decisions by the bridge, reporting them to the audit receiver.
+
+    One per host (not per sidecar): decisions need only the caller's and callee's
+    identities, which arrive with each check, so sidecars share it, and a 2-core
+    machine is not asked to run an OPA next to every Envoy.
+    """
+    from controlplane.doctor import opa_binary
+    from tapstream.decisionlog import opa_argv, opa_config
+
+    opa = opa_binary()
+    if not opa.exists():
+        raise MeshRuntimeError(f"OPA is not installed at {opa}: run deploy/install.sh (`greymesh doctor` shows what is missing)")
+    audit = dd.root / "audit"
+    audit.mkdir(exist_ok=True)
+    _start(dd, state, "decision-logs", [
+        sys.executable, "-m", "tapstream.decisionlog", "--port", str(state.ports[DECISIONS]),
+        "--out", str(audit / "decisions.jsonl"),
+    ])
+    config = dd.root / "opa" / "config.json"
+    _write_atomic(config, json.dumps(opa_config(f"http://{HOST}:{state.ports[DECISIONS]}"), indent=2))
+    _start(dd, state, "opa", opa_argv(opa, f"{HOST}:{state.ports[OPA_HTTP]}", config))
+    _start(dd, state, "authz", _greymesh(
+        "run-authz", "--data-dir", str(dd.root), "--port", str(state.ports[AUTHZ]),
+        "--opa-port", str(state.ports[OPA_HTTP]),
+    ))
+    url = f"http://{HOST}:{state.ports[OPA_HTTP]}"
+    _wait(lambda: _http_ok(f"{url}/health"), "OPA to answer", dd.log("opa"), progress)
+    if not _opa_result(f"{url}/v1/data/{POLICY_META_PATH}/hash"):  # a fresh OPA: record what it runs
+        from controlplane.policy import OpaUnavailable, PolicyError, journal_path, push
+
+        progress("pushing policies/ to OPA (after its unit tests)")
+        try:
+            push(url, POLICY_DIR, actor=f"{getpass.getuser()} (greymesh up)", journal_path=journal_path(dd.root))
+        except (PolicyError, OpaUnavailable) as exc:
+            raise MeshRuntimeError(f"could not push policies/ to OPA: {exc}") from None
 
 
 # --- processes -------------------------------------------------------------------
@@ -253,12 +296,14 @@ def up(
         state.xds_api = xds_api
         state.spec_source = str(spec_path.resolve())
         instances = [(s, i) for s in spec.services for i in s.instances]
-        _allocate(state, dd.root, [CP_XDS, CP_ADMIN, *(f"{i.name}.{r}" for _, i in instances for r in _ROLES)])
+        _allocate(state, dd.root, [*HOST_KEYS, *(f"{i.name}.{r}" for _, i in instances for r in _ROLES)])
         placement = placement_of(spec, state)
         _write_atomic(dd.placement, placement.to_json())
+        _start_policy_engine(dd, state, progress)
         cp_argv = _greymesh(
             "run-controlplane", "--data-dir", str(dd.root),
             "--xds-port", str(state.ports[CP_XDS]), "--admin-port", str(state.ports[CP_ADMIN]),
+            "--opa-port", str(state.ports[OPA_HTTP]),
         )
         if watch:
             cp_argv += ["--watch", str(spec_path.resolve())]
@@ -319,7 +364,8 @@ def down(dd: DataDir, progress: Progress = print) -> int:
     with _locked(dd):
         state = RuntimeState.load(dd.state)
         # Traffic first, control plane last, so sidecars never lose config mid-request.
-        order = sorted(state.processes, key=lambda n: ("loadgen", "app", "envoy", "controlplane").index(n.split(":")[0]))
+        stages = ("loadgen", "app", "envoy", "controlplane", "authz", "opa", "decision-logs")
+        order = sorted(state.processes, key=lambda n: stages.index(n.split(":")[0]))
         for name in order:
             progress(f"stopping {name}")
             _stop(dd, state, name)
@@ -382,6 +428,12 @@ def _http_ok(url: str) -> bool:
             return resp.status == 200
     except OSError:
         return False
+
+
+def _opa_result(url: str) -> object:
+    """The `result` of an OPA data query (None when undefined)."""
+    with urllib.request.urlopen(url, timeout=5) as resp:
+        return json.loads(resp.read()).get("result")
 
 
 def _wait(ready: Callable[[], bool], what: str, log: Path, progress: Progress) -> None:
