@@ -3,8 +3,8 @@
 One coroutine serves each Envoy stream.  Requests (read by a small pump task) and
 "your node's snapshot changed" wake-ups from :class:`SnapshotCache` arrive on one
 queue, so all of a stream's state is touched by a single task and needs no locks.
-A wake-up re-evaluates the subscribed types in :data:`TYPE_ORDER` (CDS, EDS, LDS,
-RDS: make-before-break) and sends only what changed for that stream, plus one
+A wake-up re-evaluates the subscribed types in :data:`TYPE_ORDER` (CDS, EDS, SDS,
+LDS, RDS: make-before-break) and sends only what changed for that stream, plus one
 exception: Envoy rebuilds a changed cluster and keeps it warming until it receives
 that cluster's ClusterLoadAssignment again, changed or not (otherwise it waits out
 the 15 s initial fetch timeout), so every CDS response is followed by the EDS
@@ -239,6 +239,8 @@ class _Stream(ABC, Generic[ReqT, StateT]):
             return
         self._subscribe(state, req)
         self._resolve(type_url, state, req)
+        if self._woken:  # a newer snapshot is queued: push() answers every type, in TYPE_ORDER
+            return
         if (snapshot := self.cache.snapshot(self.node_id)) is None:
             return
         responded = await self._respond(type_url, state, snapshot)

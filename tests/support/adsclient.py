@@ -1,9 +1,10 @@
 """A simulated Envoy: speaks SotW or delta ADS the way a real sidecar does.
 
-It subscribes to CDS and LDS as wildcards, then to EDS for the EDS clusters and to
-RDS for the route configurations its listeners name (parsed from the real protos),
-keeps what it accepted, and ACKs every response, or NACKs those its ``nack``
-callback gives a reason for.  Used by the ADS tests and by the 1,000-sidecar
+It subscribes to CDS and LDS as wildcards, then to EDS for the EDS clusters, to
+RDS for the route configurations its listeners name, and to SDS for the secrets
+their TLS transport sockets name (all parsed from the real protos), keeps what it
+accepted, and ACKs every response, or NACKs those its ``nack`` callback gives a
+reason for.  Used by the ADS tests and by the 1,000-sidecar
 benchmark, so it stores only light records of what it received.
 
 Times (``Received.at``, ``acked``) are ``time.monotonic()`` seconds.
@@ -24,16 +25,30 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc
 from envoy.service.discovery.v3 import discovery_pb2 as xds
 from envoy.type.v3 import semantic_version_pb2
 from google.rpc import code_pb2, status_pb2
 
-from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER, WILDCARD_TYPES, Snapshot
+from controlplane.xds.snapshot import (
+    CLUSTER,
+    ENDPOINT,
+    LISTENER,
+    ROUTE,
+    SECRET,
+    TYPE_ORDER,
+    WILDCARD_TYPES,
+    Snapshot,
+)
 
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
-# The type each parent type makes the sidecar subscribe to by name.
-_CHILD = {CLUSTER: ENDPOINT, LISTENER: ROUTE}
+_TLS_CONTEXTS = {
+    "type.googleapis.com/" + m.DESCRIPTOR.full_name: m
+    for m in (tls_pb2.UpstreamTlsContext, tls_pb2.DownstreamTlsContext)
+}
+# The types the sidecar subscribes to by name, and the types whose resources name them.
+_PARENTS = {ENDPOINT: (CLUSTER,), ROUTE: (LISTENER,), SECRET: (CLUSTER, LISTENER)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,7 +92,9 @@ class SimulatedEnvoy:
         self.resources: dict[str, dict[str, bytes]] = {t: {} for t in TYPE_ORDER}  # what it holds, by name
         self.stream_error: Exception | None = None  # why the last stream ended, unless disconnect() ended it
         self._versions: dict[str, dict[str, str]] = {t: {} for t in self.resources}  # delta resource versions
-        self._subscribed: dict[str, set[str]] = {ENDPOINT: set(), ROUTE: set()}
+        self._subscribed: dict[str, set[str]] = {t: set() for t in _PARENTS}
+        # What each held cluster/listener needs: parent type -> name -> child type -> names.
+        self._needs: dict[str, dict[str, dict[str, set[str]]]] = {CLUSTER: {}, LISTENER: {}}
         self._nonces: dict[str, str] = {}  # SotW: latest nonce per type
         self._call: grpc.aio.StreamStreamCall | None = None
         self._reader: asyncio.Task[None] | None = None
@@ -181,8 +198,7 @@ class SimulatedEnvoy:
             self._apply(resp, bodies)
             await self._write(type_url, response_nonce=resp.nonce)
             self.acked[type_url] = (got.version, time.monotonic())
-            if type_url in _CHILD:
-                await self._follow(type_url)
+            await self._follow(type_url)
         async with self._changed:
             self._changed.notify_all()
 
@@ -198,12 +214,16 @@ class SimulatedEnvoy:
             held.clear()  # a SotW CDS/LDS response is the complete set
         held.update(bodies)
 
-    async def _follow(self, parent: str) -> None:
-        """After accepting clusters/listeners, (un)subscribe the endpoints/routes they name."""
-        child = _CHILD[parent]
-        names = set().union(*(_children(parent, body) for body in self.resources[parent].values()))
-        if names != self._subscribed[child]:
-            await self._subscribe(child, names)
+    async def _follow(self, accepted: str) -> None:
+        """After accepting clusters/listeners, (un)subscribe the endpoints, routes and secrets they name."""
+        if accepted not in self._needs:
+            return
+        self._needs[accepted] = {name: _needs(accepted, body) for name, body in self.resources[accepted].items()}
+        for child, parents in _PARENTS.items():
+            if accepted in parents:
+                names = {n for p in parents for needs in self._needs[p].values() for n in needs[child]}
+                if names != self._subscribed[child]:
+                    await self._subscribe(child, names)
 
     async def _subscribe(self, type_url: str, names: set[str], initial: bool = False) -> None:
         old = self._subscribed.get(type_url, set())
@@ -257,25 +277,40 @@ def _name(type_url: str, body: bytes) -> str:
         return endpoint_pb2.ClusterLoadAssignment.FromString(body).cluster_name
     if type_url == LISTENER:
         return listener_pb2.Listener.FromString(body).name
+    if type_url == SECRET:
+        return secret_pb2.Secret.FromString(body).name
     return route_pb2.RouteConfiguration.FromString(body).name
 
 
-def _children(type_url: str, body: bytes) -> set[str]:
-    """EDS names an accepted cluster needs, or RDS names an accepted listener needs."""
-    if type_url == CLUSTER:
+def _needs(parent: str, body: bytes) -> dict[str, set[str]]:
+    """What an accepted cluster (EDS, SDS names) or listener (RDS, SDS names) makes the sidecar subscribe to."""
+    if parent == CLUSTER:
         c = cluster_pb2.Cluster.FromString(body)
-        if c.WhichOneof("cluster_discovery_type") == "type" and c.type == cluster_pb2.Cluster.EDS:
-            return {c.eds_cluster_config.service_name or c.name}
-        return set()
+        eds = c.WhichOneof("cluster_discovery_type") == "type" and c.type == cluster_pb2.Cluster.EDS
+        return {ENDPOINT: {c.eds_cluster_config.service_name or c.name} if eds else set(),
+                SECRET: _secret_names([c.transport_socket])}
     listener = listener_pb2.Listener.FromString(body)
     chains = list(listener.filter_chains)
     if listener.HasField("default_filter_chain"):
         chains.append(listener.default_filter_chain)
-    names = set()
+    routes = set()
     for chain in chains:
         for f in chain.filters:
             if f.typed_config.type_url == _HCM_TYPE:
                 hcm = hcm_pb2.HttpConnectionManager.FromString(f.typed_config.value)
                 if hcm.HasField("rds"):
-                    names.add(hcm.rds.route_config_name)
+                    routes.add(hcm.rds.route_config_name)
+    return {ROUTE: routes, SECRET: _secret_names([chain.transport_socket for chain in chains])}
+
+
+def _secret_names(sockets: list[base_pb2.TransportSocket]) -> set[str]:
+    """SDS secrets that TLS transport sockets present or validate with (an unset socket has none)."""
+    names = set()
+    for socket in sockets:
+        if (kind := _TLS_CONTEXTS.get(socket.typed_config.type_url)) is None:
+            continue
+        common = kind.FromString(socket.typed_config.value).common_tls_context
+        configs = [*common.tls_certificate_sds_secret_configs, common.validation_context_sds_secret_config,
+                   common.combined_validation_context.validation_context_sds_secret_config]
+        names |= {c.name for c in configs if c.name}
     return names
