@@ -1,6 +1,6 @@
 """The `greymesh` command.
 
-User commands: up, down, status, apply, policy (test, push, diff, eval), doctor.  The run-* commands are what `up`
+User commands: up, down, status, apply, policy (test, push, diff, eval), ca rotate, doctor.  The run-* commands are what `up`
 starts as separate processes (control plane, demo services, load generator); they
 are listed under "internal" in --help.
 Exit codes: 0 done, 1 failed at run time, 2 refused input (the message says why).
@@ -68,6 +68,10 @@ def _parser() -> argparse.ArgumentParser:
 
     sp = cmd("apply", _apply, "validate a mesh.yaml and push it to the running control plane")
     sp.add_argument("spec", type=Path)
+    data_dir(sp)
+
+    sp = cmd("ca", _ca_rotate, "rotate the mesh's root CA without dropping a connection (docs/identity.md)")
+    sp.add_argument("action", choices=("rotate",))
     data_dir(sp)
 
     from controlplane import policy  # its OPA client loads lazily; this only adds the subcommands
@@ -149,6 +153,15 @@ def _apply(args: argparse.Namespace) -> int:
     result = runtime.apply_spec(runtime.DataDir(args.data_dir), args.spec)
     changed = result.get("changed", [])
     print(f"applied {args.spec}: {len(changed)} sidecar(s) get new config" + (f": {', '.join(changed)}" if changed else ""))
+    return 0
+
+
+def _ca_rotate(args: argparse.Namespace) -> int:
+    print("rotating the root: new root into every bundle, then new SVIDs, then the old root out "
+          "(each step waits for every sidecar's ACK)", flush=True)
+    result = runtime.rotate_root(runtime.DataDir(args.data_dir))
+    print(f"rotated {result['trust_domain']}: new root {result['new_root_serial']}, "
+          f"{len(result['retired_roots'])} old root(s) retired, {result['sidecars']} SVIDs re-issued")
     return 0
 
 

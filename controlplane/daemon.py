@@ -8,7 +8,7 @@ leaves every sidecar on the config it has.
 
 Admin API (HTTP/JSON, loopback by default): ``GET /healthz``, ``GET /status``,
 ``POST /apply`` (body: mesh.yaml text; 200 with the nodes that changed, 400 with the
-problems).
+problems), ``POST /ca/rotate`` (rotate the mesh root; 409 if a sidecar did not follow).
 """
 
 from __future__ import annotations
@@ -47,6 +47,10 @@ LIFETIME_SLACK = timedelta(seconds=1)  # certificates hold whole seconds
 MAX_SPEC_BYTES = 16 * 1024 * 1024
 
 
+class RotationError(Exception):
+    """A root rotation stopped; the message says where and what to do."""
+
+
 @dataclass(frozen=True)
 class Applied:
     source: str
@@ -66,6 +70,7 @@ class ControlPlane:
         self.last_rejected: dict | None = None
         self.svids: dict[str, Svid] = {}  # by node id
         self._cas: dict[str, CertificateAuthority] = {}  # by trust domain
+        self._rotating = False  # a root rotation is under way: no routine renewals
         self._lock = asyncio.Lock()
 
     async def apply(self, text: str, source: str) -> list[str]:
@@ -106,7 +111,9 @@ class ControlPlane:
     def _identities(self, spec: MeshSpec, now: datetime | None = None) -> Identities:
         """An SVID for every node, issuing those that are missing, due for renewal or stale.
 
-        The CA of each trust domain lives in its own 0700 directory under the data dir.
+        While the root rotates, only missing SVIDs are issued: a renewal would be signed
+        by a root some peers may not trust yet.  The CA of each trust domain lives in
+        its own 0700 directory under the data dir.
         """
         now = now or datetime.now(UTC)
         td = spec.identity.trust_domain
@@ -119,7 +126,8 @@ class ControlPlane:
             for inst in svc.instances:
                 svid = self.svids.get(inst.name)
                 lifetime_changed = abs(svid.not_after - svid.issued_at - lifetime) > LIFETIME_SLACK if svid else False
-                if svid is None or svid.spiffe_id != wanted or needs_renewal(svid, now) or lifetime_changed:
+                due = not self._rotating and (needs_renewal(svid, now) or lifetime_changed) if svid else False
+                if svid is None or svid.spiffe_id != wanted or due:
                     self.svids[inst.name] = ca.issue(wanted, lifetime, now)
         return Identities(svids=dict(self.svids), bundle_pem=ca.trust_bundle_pem())
 
@@ -130,7 +138,7 @@ class ControlPlane:
             interval = RENEW_CHECK_S if spec is None else min(RENEW_CHECK_S, spec.identity.svid_lifetime_s / 10)
             await asyncio.sleep(interval)
             now = datetime.now(UTC)
-            if spec is None or not any(needs_renewal(s, now) for s in self.svids.values()):
+            if spec is None or self._rotating or not any(needs_renewal(s, now) for s in self.svids.values()):
                 continue
             async with self._lock:
                 try:
@@ -139,6 +147,50 @@ class ControlPlane:
                     log.exception("SVID renewal failed")
                     continue
             log.info("renewed SVIDs of %d sidecar(s)", len(changed))
+
+    async def rotate_root(self, timeout_s: float = 60.0) -> dict:
+        """Replace the trust domain's root without breaking a handshake (docs/identity.md).
+
+        Three pushes, each waiting until every sidecar has ACKed: the new root joins
+        every trust bundle; every SVID is re-issued from it; the old root leaves the
+        bundles.  If a sidecar does not ACK in time this stops with an error, in a state
+        where both roots are trusted (safe), and can simply be run again.
+        """
+        if self.spec is None:
+            raise RotationError("no mesh spec applied yet: nothing to rotate")
+        ca = self._cas[self.spec.identity.trust_domain]
+        self._rotating = True
+        try:
+            async with self._lock:
+                root = ca.rotate_root()
+                self._rebuild()
+            await self._all_acked(timeout_s, "the bundle with the new root")
+            async with self._lock:
+                self.svids.clear()  # every SVID again, now signed by the new root
+                self._rebuild()
+            await self._all_acked(timeout_s, "SVIDs signed by the new root")
+            async with self._lock:
+                retired = ca.retire_roots(self.svids.values())
+                self._rebuild()
+            await self._all_acked(timeout_s, "the bundle without the old root")
+        finally:
+            self._rotating = False
+        log.info("rotated the root of %s: new root serial %x, %d old root(s) retired",
+                 ca.trust_domain, root.serial_number, len(retired))
+        return {"trust_domain": ca.trust_domain, "new_root_serial": f"{root.serial_number:x}",
+                "retired_roots": [f"{r.serial_number:x}" for r in retired], "sidecars": len(self.svids)}
+
+    def _rebuild(self) -> list[str]:
+        return self._swap(build_snapshots(self.spec, self.placement, self._identities(self.spec)))
+
+    async def _all_acked(self, timeout_s: float, what: str) -> None:
+        deadline = time.monotonic() + timeout_s
+        while lagging := self.nodes.lagging(self.cache.snapshots()):
+            if time.monotonic() > deadline:
+                raise RotationError(
+                    f"sidecar(s) {', '.join(sorted(lagging))} did not ACK {what} within {timeout_s:.0f}s. Both roots "
+                    "are still trusted, so nothing is broken: bring those sidecars back, then rotate again")
+            await asyncio.sleep(0.05)
 
     def _placement(self, spec: MeshSpec, source: str) -> Placement:
         placement = Placement.load(self.dd.placement)
@@ -218,8 +270,14 @@ def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, 
                 self.send_json(404, {"errors": [f"no such endpoint {self.path}; try /status"]})
 
         def do_POST(self) -> None:  # noqa: N802
+            if self.path == "/ca/rotate":
+                try:
+                    self.send_json(200, asyncio.run_coroutine_threadsafe(cp.rotate_root(), loop).result(300))
+                except RotationError as exc:
+                    self.send_json(409, {"errors": [str(exc)]})
+                return
             if self.path != "/apply":
-                self.send_json(404, {"errors": [f"no such endpoint {self.path}; try POST /apply"]})
+                self.send_json(404, {"errors": [f"no such endpoint {self.path}; try POST /apply or /ca/rotate"]})
                 return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_SPEC_BYTES:

@@ -376,21 +376,27 @@ def down(dd: DataDir, progress: Progress = print) -> int:
 def apply_spec(dd: DataDir, spec_path: Path) -> dict:
     """Hand a spec to the running control plane; raise SpecError/MeshRuntimeError if refused."""
     load_spec(spec_path)  # refuse locally first, with the file's own name in the message
+    return _admin_post(dd, "/apply", spec_path.read_bytes(),
+                       {"Content-Type": "application/yaml", "X-Greymesh-Source": str(spec_path)})
+
+
+def rotate_root(dd: DataDir) -> dict:
+    """Have the control plane replace the mesh's root CA (see docs/identity.md)."""
+    return _admin_post(dd, "/ca/rotate", b"", {}, timeout_s=330)
+
+
+def _admin_post(dd: DataDir, path: str, body: bytes, headers: dict[str, str], timeout_s: float = 30) -> dict:
     state = RuntimeState.load(dd.state)
     if CP_ADMIN not in state.ports:
         raise MeshRuntimeError(f"no mesh has been started in {dd.root}: run `greymesh up` first")
-    req = urllib.request.Request(
-        f"http://{HOST}:{state.ports[CP_ADMIN]}/apply",
-        data=spec_path.read_bytes(),
-        headers={"Content-Type": "application/yaml", "X-Greymesh-Source": str(spec_path)},
-        method="POST",
-    )
+    req = urllib.request.Request(f"http://{HOST}:{state.ports[CP_ADMIN]}{path}", data=body, headers=headers,
+                                 method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=30) as resp:
+        with urllib.request.urlopen(req, timeout=timeout_s) as resp:
             return json.loads(resp.read())
     except urllib.error.HTTPError as exc:
         doc = json.loads(exc.read() or b"{}")
-        raise MeshRuntimeError("control plane refused the spec:\n" + "\n".join(doc.get("errors", [str(exc)]))) from None
+        raise MeshRuntimeError("control plane refused:\n" + "\n".join(doc.get("errors", [str(exc)]))) from None
     except OSError as exc:
         raise MeshRuntimeError(f"control plane at {req.full_url} is not reachable ({exc}); is the mesh up?") from None
 

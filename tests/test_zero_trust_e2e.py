@@ -183,3 +183,16 @@ def test_opa_down_fails_closed_except_for_fail_open_services(mesh: Mesh):
 
     mesh.up()  # brings OPA back; its data is re-synced by the control plane
     wait_for(lambda: call(mesh, "orders-1", "inventory").status == 200, 10, "allow again with OPA back")
+
+
+def test_root_rotation_under_load_drops_nothing_and_retires_the_old_root(mesh: Mesh):
+    bundle = mesh.data_dir / "ca" / "greymesh.local" / "bundle.pem"
+    old_root = bundle.read_bytes()
+    with Traffic(mesh.entrypoint, interval_s=0.05) as traffic:
+        proc = mesh.cli("ca", "rotate")
+        time.sleep(1)
+    assert "1 old root(s) retired" in proc.stdout, proc.stdout
+    new_root = bundle.read_bytes()
+    assert new_root != old_root and new_root.count(b"BEGIN CERTIFICATE") == 1
+    assert traffic.failures() == [], f"{len(traffic.failures())} failed during the root rotation"
+    assert get(mesh.entrypoint).status == 200
