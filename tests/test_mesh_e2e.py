@@ -7,27 +7,20 @@ leaves the mesh on the baseline demo spec, which the autouse fixture re-applies.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
-from pathlib import Path
 
 import pytest
+import yaml
 
-from tests.support.mesh import DEMO_SPEC, Mesh, Traffic, get, payments_route, wait_for
+from tests.support.mesh import DEMO_SPEC, Mesh, Traffic, get, payments_route, running_mesh, wait_for
 
 
 @pytest.fixture(scope="module", params=["delta", "sotw"])
 def mesh(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp(f"mesh-{request.param}")
-    spec = work / "mesh.yaml"
-    shutil.copy(DEMO_SPEC, spec)
-    m = Mesh(work / "data", spec, request.param)
-    try:
-        m.up()
+    doc = yaml.safe_load(DEMO_SPEC.read_text())
+    with running_mesh(tmp_path_factory.mktemp(f"mesh-{request.param}"), doc, request.param) as m:
         yield m
-    finally:
-        m.cli("down", check=False)
 
 
 @pytest.fixture(autouse=True)

@@ -25,7 +25,7 @@ import yaml
 
 from controlplane.identity import CertificateAuthority, spiffe_id
 from tests.support import tls
-from tests.support.mesh import DEMO_SPEC, Mesh, Reply, Traffic, get, wait_for
+from tests.support.mesh import DEMO_SPEC, Mesh, Reply, Traffic, get, running_mesh, wait_for
 
 SVID_LIFETIME = "6s"
 POLICIES = Path(__file__).resolve().parents[1] / "policies"
@@ -33,18 +33,10 @@ POLICIES = Path(__file__).resolve().parents[1] / "policies"
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory: pytest.TempPathFactory):
-    work = tmp_path_factory.mktemp("zero-trust")
     doc = yaml.safe_load(DEMO_SPEC.read_text())
     doc["identity"] = {"svid_lifetime": SVID_LIFETIME}
-    spec = work / "mesh.yaml"
-    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
-    m = Mesh(work / "data", spec, "delta")
-    m.baseline = doc
-    try:
-        m.up()
+    with running_mesh(tmp_path_factory.mktemp("zero-trust"), doc, "delta") as m:
         yield m
-    finally:
-        m.cli("down", check=False)
 
 
 @pytest.fixture(autouse=True)

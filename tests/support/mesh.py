@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -11,7 +12,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,6 +158,20 @@ class Mesh:
 
     def placement(self) -> dict:
         return json.loads((self.data_dir / "placement.json").read_text())
+
+
+@contextlib.contextmanager
+def running_mesh(work: Path, doc: dict, xds_api: str) -> Iterator[Mesh]:
+    """A mesh started from `doc` in `work` (its baseline spec), stopped on exit whatever happens."""
+    spec = work / "mesh.yaml"
+    spec.write_text(yaml.safe_dump(doc, sort_keys=False))
+    mesh = Mesh(work / "data", spec, xds_api)
+    mesh.baseline = copy.deepcopy(doc)
+    try:
+        mesh.up()
+        yield mesh
+    finally:
+        mesh.cli("down", check=False)
 
 
 def payments_route(doc: dict) -> dict:
