@@ -250,6 +250,9 @@ def _http_connection_manager(listener: str, authz: _Authz | None) -> Any:
         stat_prefix=listener,
         # Callers address services as http://orders or http://orders:8080; match on the name.
         strip_any_host_port=True,
+        # Policies match path prefixes: /charge/../admin must reach them as /admin.
+        normalize_path=True,
+        merge_slashes=True,
         http_filters=filters,
         access_log=[_fail_open_log(listener)] if authz is not None and authz.fail_open else [],
     )
