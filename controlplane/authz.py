@@ -37,6 +37,8 @@ from google.rpc import code_pb2, status_pb2
 log = logging.getLogger("greymesh.authz")
 
 DECISION_PATH = "/v1/data/greymesh/authz/decision"
+# Below the sidecars' ext_authz timeout (500 ms): the bridge gives up before Envoy does.
+OPA_TIMEOUT_S = 0.4
 # Never sent to the policy engine (and so never into decision logs).
 _SECRET_HEADERS = frozenset({"authorization", "cookie", "proxy-authorization", "set-cookie"})
 
@@ -84,13 +86,13 @@ def _address(addr: base_pb2.Address) -> dict:
 class OpaClient(threading.local):
     """One keep-alive connection to OPA per bridge thread."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = 1.0):
+    def __init__(self, host: str, port: int, timeout_s: float = OPA_TIMEOUT_S):
         self.host, self.port, self.timeout_s = host, port, timeout_s
         self.conn: http.client.HTTPConnection | None = None
 
     def decide(self, doc: dict) -> Decision:
         body = json.dumps({"input": doc}).encode()
-        for attempt in (1, 2):  # a keep-alive connection OPA closed is retried once, fresh
+        for attempt in (1, 2):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             try:
@@ -101,7 +103,10 @@ class OpaClient(threading.local):
             except (OSError, http.client.HTTPException) as exc:
                 self.conn.close()
                 self.conn = None
-                if attempt == 2:
+                # Only a keep-alive connection OPA had closed is worth one fresh try; after a
+                # timeout Envoy has already given up on this check (and a retry would log twice).
+                stale = isinstance(exc, ConnectionResetError | BrokenPipeError | http.client.RemoteDisconnected)
+                if attempt == 2 or not stale:
                     raise PolicyUnavailable(f"OPA at {self.host}:{self.port} unreachable: {exc}") from None
         if resp.status != 200:
             raise PolicyUnavailable(f"OPA answered {resp.status}: {raw[:200]!r}")

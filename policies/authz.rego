@@ -22,7 +22,7 @@ decision := {"allow": allow, "reason": reason, "policy_hash": policy_hash}
 default allow := false
 
 allow if {
-	caller.name in callers[callee.name]
+	declared_edge
 	count(deny) == 0
 }
 
@@ -53,16 +53,10 @@ service_by_id[svc.spiffe_id] := object.union(svc, {
 	some name, svc in services
 }
 
-# callers[s]: the services that may call s. The mesh declares each edge once, on the
-# caller's side (`calls`, as in mesh.yaml); the callee's view is derived here. Every
-# service has an entry, empty when nobody calls it, so `not x in callers[s]` holds
-# for it (OPA evaluates callers[s] outside the `not`: were it undefined, the rule would fail).
-callers := {callee_name: {caller_name |
-	some caller_name, svc in services
-	callee_name in object.keys(object.get(svc, "calls", {}))
-} |
-	some callee_name, _ in services
-}
+# The mesh declares each edge once, on the caller's side (`calls`, as in mesh.yaml).
+# Looked up directly rather than through a callee -> callers index: an index is
+# rebuilt over every pair of services on every query (15 ms at 55 services).
+declared_edge if callee.name in object.keys(caller.calls)
 
 # --- the request --------------------------------------------------------------------
 
@@ -108,7 +102,9 @@ deny contains sprintf("callee has no mesh identity: %v is not a service of this 
 }
 
 deny contains sprintf("%s may not call %s: not in its callers", [caller.name, callee.name]) if {
-	not caller.name in callers[callee.name]
+	caller.name # both are mesh services (the identity rules above cover the rest)
+	callee.name
+	not declared_edge
 }
 
 deny contains msg if {
