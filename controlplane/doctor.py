@@ -89,6 +89,18 @@ def _opa() -> Found | None:
     return Found(str(path), m.group(1) if m else out.strip())
 
 
+def _kafka() -> Found | None:
+    from audit.kafka import kafka_home  # audit imports this module; import it only when asked
+
+    home = kafka_home()
+    if not (home / ".complete").exists():  # install.sh marks libs/ complete last
+        return None
+    out = subprocess.run(["java", "-cp", str(home / "libs" / "*"), "kafka.Kafka", "--version"],
+                         capture_output=True, text=True, timeout=60).stdout
+    lines = out.strip().splitlines()
+    return Found(str(home / "libs"), lines[-1] if lines else out.strip())
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="envoy",
@@ -102,6 +114,13 @@ COMPONENTS: tuple[Component, ...] = (
         purpose="the policy engine (authorization)",
         pinned=f"{pinned_versions()['OPA_VERSION']} (go install)",
         locate=_opa,
+        install=INSTALL,
+    ),
+    Component(
+        name="kafka",
+        purpose="the audit taps' log (KRaft broker)",
+        pinned=f"{pinned_versions()['KAFKA_VERSION']} (Maven Central jars)",
+        locate=_kafka,
         install=INSTALL,
     ),
 )

@@ -9,6 +9,10 @@
 #   opa/<version>/bin/opa          the OPA policy engine, built with `go install`
 #   go/                            Go's module and build caches for that build (not
 #                                  the user's ~/go); delete it freely to reclaim space
+#   kafka/<version>/libs/          Apache Kafka's jars (broker + KRaft controller), from
+#                                  Maven Central with `mvn`; run with Java >= 17
+#   maven/                         Maven's local repository for that fetch (not the
+#                                  user's ~/.m2); delete it freely to reclaim space
 # Versions of such non-Python components are pinned in deploy/versions.env.
 # The checkout gets a thin .venv whose .pth file points at that shared environment
 # and which holds greymesh itself as an editable install.
@@ -79,6 +83,39 @@ else
   [ "$(opa_version)" = "$OPA_VERSION" ] || die "built $OPA_BIN, but it does not report version $OPA_VERSION"
 fi
 
+# --- Apache Kafka (the audit tap's log), jars from Maven Central -----------------
+# No release tarball can be fetched here, so Maven resolves org.apache.kafka:kafka_2.13
+# and its runtime dependencies (deploy/kafka/pom.xml) into one libs/ folder; the broker
+# runs as `java -cp libs/* kafka.Kafka` (audit/kafka.py). Maven's local repository is
+# $GREYMESH_HOME/maven, not ~/.m2; delete it freely once libs/ is built.
+KAFKA_HOME=$GREYMESH_HOME/kafka/$KAFKA_VERSION
+if [ -f "$KAFKA_HOME/.complete" ]; then
+  step "Kafka $KAFKA_VERSION: reusing $KAFKA_HOME/libs"
+else
+  command -v java >/dev/null || die "Kafka $KAFKA_VERSION needs Java 17 or newer and 'java' is not on PATH.
+  Install a JDK or JRE (e.g. 'apt-get install openjdk-17-jre-headless') and run $0 again."
+  java_major=$(java -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p')
+  [ "${java_major:-0}" -ge 17 ] 2>/dev/null \
+    || die "Kafka $KAFKA_VERSION needs Java 17 or newer; 'java' on PATH is ${java_major:-unknown}."
+  command -v mvn >/dev/null || die "fetching Kafka $KAFKA_VERSION needs Maven and 'mvn' is not on PATH.
+  Install Maven (e.g. 'apt-get install maven') and run $0 again."
+  step "Kafka $KAFKA_VERSION: fetching its jars with Maven into $KAFKA_HOME/libs (one time per version)"
+  rm -rf "$KAFKA_HOME"
+  mkdir -p "$KAFKA_HOME"
+  # Maven's output goes to a log, shown only when it fails (its -q mode still prints
+  # stray colour codes).
+  mvn -B -ntp -Dstyle.color=never -f "$ROOT/deploy/kafka/pom.xml" \
+    -Dmaven.repo.local="$GREYMESH_HOME/maven" \
+    -Dkafka.version="$KAFKA_VERSION" -Dlog4j.version="$KAFKA_LOG4J_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_HOME/libs" \
+    > "$KAFKA_HOME/maven.log" 2>&1 \
+    || { tail -n 40 "$KAFKA_HOME/maven.log" >&2; die "Maven could not fetch Kafka $KAFKA_VERSION (log: $KAFKA_HOME/maven.log)"; }
+  found=$(java -cp "$KAFKA_HOME/libs/*" kafka.Kafka --version 2>/dev/null | tail -n 1)
+  [ "$found" = "$KAFKA_VERSION" ] \
+    || die "fetched $KAFKA_HOME/libs, but kafka.Kafka there reports version '${found}', not $KAFKA_VERSION"
+  touch "$KAFKA_HOME/.complete"
+fi
+
 # --- the checkout's own thin environment ---------------------------------------
 VENV=$ROOT/.venv
 if [ ! -x "$VENV/bin/python" ]; then
@@ -98,4 +135,5 @@ fi
 
 envoy_version=$("$VENV/bin/greymesh" doctor --component envoy --version-only 2>/dev/null || true)
 opa_found=$("$VENV/bin/greymesh" doctor --component opa --version-only 2>/dev/null || true)
-step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?})"
+kafka_found=$("$VENV/bin/greymesh" doctor --component kafka --version-only 2>/dev/null || true)
+step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?}, kafka ${kafka_found:-?})"
