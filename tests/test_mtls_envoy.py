@@ -16,13 +16,11 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
-import re
 import socket
 import ssl
 import subprocess
 import threading
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
@@ -79,7 +77,7 @@ from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, SECRET, Resou
 from controlplane.xds.status import NodeStatus
 from tests.support import tls
 from tests.support.adsclient import SimulatedEnvoy, expected_acks
-from tests.support.mesh import wait_for
+from tests.support.mesh import envoy_stat, wait_for
 
 TD = "greymesh.test"
 CALLER, CALLEE = "frontend-1", "orders-1"
@@ -252,10 +250,10 @@ class Fleet:
         return _http_get(self.ports.caller_outbound)
 
     def callee_stat(self, name: str) -> int:
-        return _stat(self.ports.callee_admin, f"listener.127.0.0.1_{self.ports.callee_inbound}.{name}")
+        return envoy_stat(self.ports.callee_admin, f"listener.127.0.0.1_{self.ports.callee_inbound}.{name}")
 
     def caller_stat(self, name: str) -> int:
-        return _stat(self.ports.caller_admin, name)
+        return envoy_stat(self.ports.caller_admin, name)
 
 
 def _free_port() -> int:
@@ -275,14 +273,6 @@ def _http_get(port: int) -> tuple[int, dict[str, str]]:
         conn.close()
 
 
-def _stat(admin: int, name: str) -> int:
-    query = urllib.parse.urlencode({"filter": f"^{re.escape(name)}$"})
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?{query}", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-    return 0
 
 
 def _ready(admin: int) -> bool:

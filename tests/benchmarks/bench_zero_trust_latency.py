@@ -46,7 +46,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 import urllib.request
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
@@ -69,7 +68,7 @@ from controlplane.xds.cache import SnapshotCache  # noqa: E402
 from controlplane.xds.status import NodeStatus  # noqa: E402
 from tapstream.decisionlog import opa_argv, opa_config  # noqa: E402
 from tests.benchmarks.openloop import run  # noqa: E402
-from tests.support.mesh import DEMO_SPEC, wait_for  # noqa: E402
+from tests.support.mesh import DEMO_SPEC, envoy_stat, wait_for  # noqa: E402
 
 HOST = "127.0.0.1"
 CALLER, CALLEE = "orders-1", "payments-v1-1"
@@ -246,14 +245,6 @@ def _ok(url: str) -> bool:
         return False
 
 
-def _stat(admin: int, name: str) -> int:
-    query = urllib.parse.urlencode({"filter": f"^{re.escape(name)}$"})
-    with urllib.request.urlopen(f"http://{HOST}:{admin}/stats?{query}", timeout=5) as resp:
-        for line in resp.read().decode().splitlines():
-            key, _, value = line.partition(": ")
-            if key == name:
-                return int(value)
-    return 0
 
 
 # --- the bench ------------------------------------------------------------------------------------------
@@ -371,8 +362,8 @@ class Bench:
             wait_for(served, 15, f"a 200 from payments along {path} (logs in {self.files})", 0.2)
         for v in VARIANTS:
             callee = self.sidecar(v.name, CALLEE)
-            handshakes = _stat(callee.admin, f"listener.{HOST}_{callee.inbound}.ssl.handshake")
-            authz_ok = _stat(callee.admin, "http.inbound.ext_authz.ok")
+            handshakes = envoy_stat(callee.admin, f"listener.{HOST}_{callee.inbound}.ssl.handshake")
+            authz_ok = envoy_stat(callee.admin, "http.inbound.ext_authz.ok")
             print(f"check {v.name:<10}: 200 OK; payments inbound TLS handshakes {handshakes}, "
                   f"ext_authz ok {authz_ok}", flush=True)
             if v.mtls != (handshakes > 0) or v.authz != (authz_ok > 0):
@@ -384,11 +375,11 @@ class Bench:
         if path == "direct":
             return {}
         callee = self.sidecar(path, CALLEE)
-        out = {"tls_handshakes": _stat(callee.admin, f"listener.{HOST}_{callee.inbound}.ssl.handshake"),
-               "upstream_cx": _stat(self.sidecar(path, CALLER).admin, "cluster.outbound|payments|v1.upstream_cx_total")}
+        out = {"tls_handshakes": envoy_stat(callee.admin, f"listener.{HOST}_{callee.inbound}.ssl.handshake"),
+               "upstream_cx": envoy_stat(self.sidecar(path, CALLER).admin, "cluster.outbound|payments|v1.upstream_cx_total")}
         if path == "mtls+authz":
             for k in ("ok", "denied", "error", "failure_mode_allowed"):
-                out[f"ext_authz_{k}"] = _stat(callee.admin, f"http.inbound.ext_authz.{k}")
+                out[f"ext_authz_{k}"] = envoy_stat(callee.admin, f"http.inbound.ext_authz.{k}")
         return out
 
     def cpu_roles(self, path: str) -> dict[str, str]:

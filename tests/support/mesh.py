@@ -6,11 +6,13 @@ import contextlib
 import copy
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -148,16 +150,21 @@ class Mesh:
         return bool(nodes) and all(n.get("in_sync") and n.get("connected") for n in nodes.values())
 
     def envoy_stat(self, node: str, stat: str) -> int:
-        port = self.placement()["sidecars"][node]["admin"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/stats?filter=^{stat}$", timeout=5) as resp:
-            for line in resp.read().decode().splitlines():
-                name, _, value = line.partition(": ")
-                if name == stat:
-                    return int(value)
-        return 0
+        return envoy_stat(self.placement()["sidecars"][node]["admin"], stat)
 
     def placement(self) -> dict:
         return json.loads((self.data_dir / "placement.json").read_text())
+
+
+def envoy_stat(admin_port: int, name: str) -> int:
+    """One counter from an Envoy's admin API (0 if Envoy does not have it yet)."""
+    query = urllib.parse.urlencode({"filter": f"^{re.escape(name)}$"})
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/stats?{query}", timeout=5) as resp:
+        for line in resp.read().decode().splitlines():
+            key, _, value = line.partition(": ")
+            if key == name:
+                return int(value)
+    return 0
 
 
 @contextlib.contextmanager
