@@ -17,7 +17,6 @@ import asyncio
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 import urllib.request
@@ -31,7 +30,7 @@ from controlplane.identity import CertificateAuthority, Svid, needs_renewal
 from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
 from controlplane.placement import Placement
 from controlplane.policy import MESH_DATA_PATH
-from controlplane.runtime import DataDir
+from controlplane.runtime import DataDir, write_atomic
 from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import start_ads_server
 from controlplane.xds.cache import SnapshotCache
@@ -90,7 +89,7 @@ class ControlPlane:
                 raise
             changed = self._swap(snapshots)
             if source != str(self.dd.spec):
-                _write_atomic(self.dd.spec, text)
+                write_atomic(self.dd.spec, text)
             self.applied = Applied(source, _sha256(text), time.time(), spec.name)
             self.spec, self.placement = spec, placement
             self._journal("applied", source, text, changed=sorted(changed))
@@ -247,12 +246,6 @@ class ControlPlane:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, port: int) -> ThreadingHTTPServer:

@@ -111,7 +111,7 @@ class RuntimeState:
             "spec_source": self.spec_source,
             "entrypoint": self.entrypoint,
         }
-        _write_atomic(path, json.dumps(doc, indent=2))
+        write_atomic(path, json.dumps(doc, indent=2))
 
 
 class MeshRuntimeError(Exception):
@@ -189,7 +189,7 @@ def _start_policy_engine(dd: DataDir, state: RuntimeState, progress: Progress) -
         "--out", str(audit / "decisions.jsonl"),
     ])
     config = dd.root / "opa" / "config.json"
-    _write_atomic(config, json.dumps(opa_config(f"http://{HOST}:{state.ports[DECISIONS]}"), indent=2))
+    write_atomic(config, json.dumps(opa_config(f"http://{HOST}:{state.ports[DECISIONS]}"), indent=2))
     _start(dd, state, "opa", opa_argv(opa, f"{HOST}:{state.ports[OPA_HTTP]}", config))
     _start(dd, state, "authz", _greymesh(
         "run-authz", "--data-dir", str(dd.root), "--port", str(state.ports[AUTHZ]),
@@ -298,7 +298,7 @@ def up(
         instances = [(s, i) for s in spec.services for i in s.instances]
         _allocate(state, dd.root, [*HOST_KEYS, *(f"{i.name}.{r}" for _, i in instances for r in _ROLES)])
         placement = placement_of(spec, state)
-        _write_atomic(dd.placement, placement.to_json())
+        write_atomic(dd.placement, placement.to_json())
         _start_policy_engine(dd, state, progress)
         cp_argv = _greymesh(
             "run-controlplane", "--data-dir", str(dd.root),
@@ -311,7 +311,7 @@ def up(
         cp_running = _running_as(dd, state, "controlplane", cp_argv)
         if not cp_running:
             # A starting control plane serves the accepted copy: seed it with this spec.
-            _write_atomic(dd.spec, spec_path.read_text(encoding="utf-8"))
+            write_atomic(dd.spec, spec_path.read_text(encoding="utf-8"))
             _start(dd, state, "controlplane", cp_argv)
         state.save(dd.state)
         admin = f"http://{HOST}:{state.ports[CP_ADMIN]}"
@@ -329,7 +329,7 @@ def up(
             ))
             boot = dd.bootstrap(inst.name)
             boot.parent.mkdir(parents=True, exist_ok=True)
-            _write_atomic(boot, json.dumps(sidecar_bootstrap(
+            write_atomic(boot, json.dumps(sidecar_bootstrap(
                 node_id=inst.name, service=svc.name, admin_host=HOST, admin_port=ports.admin,
                 xds_host=HOST, xds_port=state.ports[CP_XDS], xds_api=xds_api,
             ), indent=2))
@@ -468,7 +468,8 @@ def _wait_sidecars(dd: DataDir, placement: Placement, progress: Progress) -> Non
         time.sleep(0.2)
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Replace path's content in one step: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")

@@ -8,7 +8,6 @@ tally of outcomes to a JSON file that `greymesh status` reads.
 from __future__ import annotations
 
 import json
-import os
 import time
 import urllib.error
 import urllib.request
@@ -16,6 +15,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from threading import Lock
+
+from controlplane.runtime import write_atomic
 
 
 def run(url: str, rps: float, tally_path: Path, timeout_s: float = 5.0) -> None:
@@ -44,12 +45,6 @@ def run(url: str, rps: float, tally_path: Path, timeout_s: float = 5.0) -> None:
             if now - last_write >= 1.0:
                 with lock:
                     snapshot = dict(counts)
-                _write_atomic(tally_path, {"url": url, "rps": rps, "outcomes": snapshot, "at": time.time()})
+                write_atomic(tally_path, json.dumps({"url": url, "rps": rps, "outcomes": snapshot, "at": time.time()}))
                 last_write = now
             time.sleep(max(0.0, next_send - time.monotonic()))
-
-
-def _write_atomic(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(doc))
-    os.replace(tmp, path)
