@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,6 +102,27 @@ def _kafka() -> Found | None:
     return Found(str(home / "libs"), lines[-1] if lines else out.strip())
 
 
+def _clickhouse() -> Found | None:
+    from audit.clickhouse_server import server_binary  # like _kafka: only when asked
+
+    try:
+        path = server_binary()
+    except FileNotFoundError:
+        return None
+    # Newer servers answer --version; Debian's 18.16 does not ("Unknown option specified:
+    # version"), so fall back to its client's --version, then to the package's version.
+    client = shutil.which("clickhouse-client") or str(path.with_name("clickhouse-client"))
+    for argv in ([str(path), "--version"], [client, "--version"],
+                 ["dpkg-query", "-W", "-f=${Version}", "clickhouse-server"]):
+        try:
+            out = subprocess.run(argv, capture_output=True, text=True, timeout=30).stdout
+        except OSError:
+            continue
+        if m := re.search(r"(\d+\.\d+\.\d+(?:\.\d+)?)", out):
+            return Found(str(path), m.group(1))
+    return Found(str(path), "unknown")
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="envoy",
@@ -122,6 +144,13 @@ COMPONENTS: tuple[Component, ...] = (
         pinned=f"{pinned_versions()['KAFKA_VERSION']} (Maven Central jars)",
         locate=_kafka,
         install=INSTALL,
+    ),
+    Component(
+        name="clickhouse",
+        purpose="tap store server (the default is chdb)",
+        pinned="Debian's clickhouse-server",
+        locate=_clickhouse,
+        install="apt-get install clickhouse-server",
     ),
 )
 

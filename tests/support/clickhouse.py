@@ -1,0 +1,122 @@
+"""A real ClickHouse server for tests, and store fixtures over both backends.
+
+Other test modules use the fixtures by importing them:
+
+    from tests.support.clickhouse import clickhouse_server, empty_store, store  # noqa: F401
+
+``store`` (and ``empty_store``, the same before migrate()) is parametrized over
+["chdb", "clickhouse"]: each test gets a fresh chdb path or a fresh database on the one
+session-wide server.  Without clickhouse-server installed the "clickhouse" cases fail,
+saying what installs it.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from audit import clickhouse_server as server
+from audit.store import ChdbStore, ClickHouseStore, Store, StoreError
+
+READY_TIMEOUT = 60.0
+STOP_TIMEOUT = 30.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ClickHouseServer:
+    """One clickhouse-server on a run directory; start() may be called again after
+    stop() or kill() (the data stays)."""
+
+    host = "127.0.0.1"
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+        self.port, self.http_port = free_port(), free_port()
+        self.config = server.write_config(run_dir, tcp_port=self.port, http_port=self.http_port)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = run_dir / "stdout.log"
+
+    def url(self, database: str) -> str:
+        return f"clickhouse://{self.host}:{self.port}/{database}"
+
+    def start(self) -> float:
+        """Start the server and wait until it answers; returns the seconds that took."""
+        t0 = time.monotonic()
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(server.server_argv(self.config), cwd=self.run_dir,
+                                         stdout=out, stderr=subprocess.STDOUT)
+        try:
+            server.wait_ready(self.host, self.port, timeout=READY_TIMEOUT)
+        except TimeoutError as exc:
+            raise AssertionError(f"{exc}\n--- server logs ---\n{self.logs()}") from exc
+        assert self.proc.poll() is None, self.logs()
+        return time.monotonic() - t0
+
+    def stop(self) -> None:
+        """SIGTERM, then wait for the clean shutdown (SIGKILL if it does not come)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL: no clean shutdown."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=STOP_TIMEOUT)
+
+    def logs(self) -> str:
+        parts = [self.log, *sorted((self.run_dir / "log").glob("*.log"))]
+        return "\n".join(f"[{p.name}]\n{p.read_text()[-3000:]}" for p in parts if p.exists())
+
+
+@pytest.fixture(scope="session")
+def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClickHouseServer]:
+    """One running server for the whole session."""
+    try:
+        server.server_binary()
+    except FileNotFoundError as exc:  # a missing install step, never a reason to skip
+        pytest.fail(f"{exc}: deploy/install.sh installs it", pytrace=False)
+    srv = ClickHouseServer(tmp_path_factory.mktemp("clickhouse"))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(params=["chdb", "clickhouse"])
+def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A store of each backend with nothing in it yet (not migrated)."""
+    if request.param == "chdb":
+        st: Store = ChdbStore(tmp_path / "chdb")
+        yield st
+        st.close()
+        return
+    srv: ClickHouseServer = request.getfixturevalue("clickhouse_server")
+    st = ClickHouseStore(srv.host, srv.port, f"test_{uuid.uuid4().hex[:12]}")
+    yield st
+    try:
+        st.query(f"DROP DATABASE IF EXISTS {st.database}")
+    except StoreError:  # never created (a test of failures)
+        pass
+    st.close()
+
+
+@pytest.fixture
+def store(empty_store: Store) -> Store:
+    """A fresh, migrated store of each backend."""
+    empty_store.migrate()
+    return empty_store
