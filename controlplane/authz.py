@@ -32,6 +32,7 @@ from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
 log = logging.getLogger("greymesh.authz")
@@ -127,11 +128,17 @@ class AuthorizationBridge(authz_grpc.AuthorizationServicer):
             log.warning("no decision for %s -> %s %s: %s", request.attributes.source.principal or "?",
                         request.attributes.destination.principal or "?", request.attributes.request.http.path, exc)
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        # Envoy puts this under the ext_authz filter's dynamic metadata, where the l7 tap
+        # reads the verdict and its reason (tapstream.schema).
+        verdict = struct_pb2.Struct()
+        verdict.update({"allow": decision.allow, "reason": decision.reason})
         if decision.allow:
-            return authz_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK), ok_response=authz_pb2.OkHttpResponse())
+            return authz_pb2.CheckResponse(status=status_pb2.Status(code=code_pb2.OK),
+                                           ok_response=authz_pb2.OkHttpResponse(), dynamic_metadata=verdict)
         body = json.dumps({"error": "forbidden", "reason": decision.reason})
         return authz_pb2.CheckResponse(
             status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=decision.reason),
+            dynamic_metadata=verdict,
             denied_response=authz_pb2.DeniedHttpResponse(
                 status=http_status_pb2.HttpStatus(code=http_status_pb2.Forbidden),
                 headers=[base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key="content-type", value="application/json"))],

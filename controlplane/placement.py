@@ -30,6 +30,7 @@ class Placement:
     host: str
     sidecars: Mapping[str, SidecarPorts]  # by instance name (= sidecar node id)
     authz: int | None = None  # the host's authorization bridge (ext_authz gRPC); None: no authz
+    taps: int | None = None  # the host's tap collector (gRPC access log service); None: no taps
 
     def ports(self, instance: str) -> SidecarPorts:
         try:
@@ -39,7 +40,7 @@ class Placement:
 
     def to_json(self) -> str:
         return json.dumps(
-            {"host": self.host, "authz": self.authz,
+            {"host": self.host, "authz": self.authz, "taps": self.taps,
              "sidecars": {n: asdict(p) for n, p in sorted(self.sidecars.items())}},
             indent=2,
         )
@@ -48,7 +49,7 @@ class Placement:
     def from_json(cls, text: str) -> Placement:
         raw = json.loads(text)
         return cls(host=raw["host"], sidecars={n: SidecarPorts(**p) for n, p in raw["sidecars"].items()},
-                   authz=raw.get("authz"))
+                   authz=raw.get("authz"), taps=raw.get("taps"))
 
     @classmethod
     def load(cls, path: Path) -> Placement:

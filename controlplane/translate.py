@@ -64,6 +64,11 @@ from envoy_data_plane.envoy.config.route.v3 import (
     WeightedCluster,
     WeightedClusterClusterWeight,
 )
+from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
+    CommonGrpcAccessLogConfig,
+    HttpGrpcAccessLogConfig,
+    TcpGrpcAccessLogConfig,
+)
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.common.fault.v3 import FaultDelay
 from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
@@ -92,6 +97,9 @@ from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resour
 
 APP_CLUSTER = "inbound|app"
 AUTHZ_CLUSTER = "greymesh_authz"
+TAPS_CLUSTER = "greymesh_taps"
+# Headers whose values the l7 tap reads (tapstream.schema.trace_id).
+TRACE_HEADERS = ("traceparent", "x-b3-traceid")
 FAIL_OPEN_HEADER = "x-envoy-auth-failure-mode-allowed"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
@@ -147,6 +155,7 @@ def build_snapshots(
                 ports=placement.ports(inst.name),
                 entrypoint=svc.name == spec.entrypoint,
                 authz_port=placement.authz,
+                taps_port=placement.taps,
                 fail_open=svc.fail_open,
                 trust_domain=trust_domain,
             )
@@ -163,6 +172,7 @@ class _Local:
     ports: SidecarPorts
     entrypoint: bool  # gets the ingress listener
     authz_port: int | None  # the authorization bridge; None: no ext_authz
+    taps_port: int | None  # the tap collector; None: no access log taps
     fail_open: bool  # allow when the bridge cannot answer
     trust_domain: str | None  # inbound requires mTLS from this trust domain; None: plaintext
 
@@ -183,16 +193,23 @@ def _resource(type_url: str, name: str, msg: betterproto2.Message) -> Resource:
 def _local_resources(local: _Local) -> tuple[Resource, ...]:
     """The sidecar's own listeners, the cluster of its workload and of the authz bridge."""
     authz = None if local.authz_port is None else _Authz(local.fail_open)
+    taps = local.taps_port is not None
+
+    def listener(name: str, port: int, authz: _Authz | None, trust_domain: str | None) -> Resource:
+        return _resource(LISTENER, name, _listener(name, local.host, port, authz, trust_domain, taps))
+
     out = [
         _resource(CLUSTER, APP_CLUSTER, _static_cluster(APP_CLUSTER, local.host, local.ports.app)),
-        _resource(LISTENER, "inbound", _listener("inbound", local.host, local.ports.inbound, authz, local.trust_domain)),
-        _resource(LISTENER, "outbound", _listener("outbound", local.host, local.ports.outbound, None, None)),
+        listener("inbound", local.ports.inbound, authz, local.trust_domain),
+        listener("outbound", local.ports.outbound, None, None),
     ]
     if local.entrypoint:
         # Traffic from outside has no mesh identity to verify; edge policy is separate.
-        out.append(_resource(LISTENER, "ingress", _listener("ingress", local.host, local.ports.ingress, None, None)))
+        out.append(listener("ingress", local.ports.ingress, None, None))
     if local.authz_port is not None:
         out.append(_resource(CLUSTER, AUTHZ_CLUSTER, _static_cluster(AUTHZ_CLUSTER, local.host, local.authz_port, http2=True)))
+    if local.taps_port is not None:
+        out.append(_resource(CLUSTER, TAPS_CLUSTER, _static_cluster(TAPS_CLUSTER, local.host, local.taps_port, http2=True)))
     return tuple(out)
 
 
@@ -229,18 +246,27 @@ class _Authz:
     fail_open: bool
 
 
-def _listener(name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None) -> Listener:
-    chain = FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=_http_connection_manager(name, authz))])
+def _listener(
+    name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None, taps: bool
+) -> Listener:
+    chain = FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=_http_connection_manager(name, authz, taps))])
     if trust_domain is not None:
         chain.transport_socket = downstream_tls(trust_domain)
-    return Listener(name=name, address=_address(host, port), filter_chains=[chain])
+    listener = Listener(name=name, address=_address(host, port), filter_chains=[chain])
+    if taps:  # one l3/l4 tap per downstream connection, when it closes
+        listener.access_log = [
+            AccessLog(name="envoy.access_loggers.tcp_grpc",
+                      typed_config=Any.pack(TcpGrpcAccessLogConfig(common_config=_tap_stream(name))))
+        ]
+    return listener
 
 
 @functools.cache
-def _http_connection_manager(listener: str, authz: _Authz | None) -> Any:
+def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool) -> Any:
     """HTTP handling of a listener: ``outbound`` routes over RDS, the others to the local app.
 
-    With ``authz``, every request is checked by the authorization bridge first.
+    With ``authz``, every request is checked by the authorization bridge first; with
+    ``taps``, every request is reported to the tap collector (the l7 tap).
     """
     filters = [HttpFilter(name=FAULT_FILTER, typed_config=Any.pack(HttpFault()))]
     if authz is not None:
@@ -256,6 +282,13 @@ def _http_connection_manager(listener: str, authz: _Authz | None) -> Any:
         http_filters=filters,
         access_log=[_fail_open_log(listener)] if authz is not None and authz.fail_open else [],
     )
+    if taps:
+        hcm.access_log.append(AccessLog(
+            name="envoy.access_loggers.http_grpc",
+            typed_config=Any.pack(HttpGrpcAccessLogConfig(
+                common_config=_tap_stream(listener), additional_request_headers_to_log=list(TRACE_HEADERS),
+            )),
+        ))
     if listener == "outbound":
         hcm.rds = Rds(config_source=_ADS, route_config_name=OUTBOUND_ROUTES)
     else:
@@ -273,6 +306,18 @@ def _ext_authz(authz: _Authz) -> ExtAuthz:
         # with x-envoy-auth-failure-mode-allowed, which the access log below records.
         failure_mode_allow=authz.fail_open,
         failure_mode_allow_header_add=authz.fail_open,
+    )
+
+
+def _tap_stream(listener: str) -> CommonGrpcAccessLogConfig:
+    """The gRPC access log stream to the tap collector, named after the listener (the
+    collector reads the direction from it).  Envoy buffers entries and flushes every
+    second or 16 KiB, so one message carries many entries."""
+    return CommonGrpcAccessLogConfig(
+        log_name=listener,
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=TAPS_CLUSTER)),
+        transport_api_version=ApiVersion.V3,
+        buffer_flush_interval=timedelta(seconds=1),
     )
 
 
