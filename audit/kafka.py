@@ -194,3 +194,23 @@ def wait_ready(bootstrap: str, timeout: float) -> float:
                 admin.close()
         time.sleep(0.2)
     raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout:.0f} s (last: {last!r})")
+
+
+def ensure_topics(bootstrap: str, names: list[str], *, partitions: int = 3, replication: int = 1) -> list[str]:
+    """Create the topics of ``names`` that do not exist yet; returns those created.
+    Existing topics are left as they are (a cluster's operator may have sized them)."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import NewTopic
+    from kafka.errors import TopicAlreadyExistsError
+
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="greymesh-topics", request_timeout_ms=10_000)
+    try:
+        missing = sorted(set(names) - set(admin.list_topics()))
+        if missing:
+            try:
+                admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
+            except TopicAlreadyExistsError:  # another `up` got there first
+                pass
+        return missing
+    finally:
+        admin.close()

@@ -4,8 +4,8 @@ OPA's decision-log plugin batches the decisions it made and POSTs each batch, a
 gzip'ed JSON array, to ``<service url>/logs``.  This receiver turns every entry
 for the mesh's authorization rule into an :class:`AuditRecord`.  The record holds
 who called whom, what was asked, the verdict, the reason and the policy hash.  It
-hands each record to a *sink*, a plain callable.  Today's sink appends JSON lines
-to a file (:class:`JsonlSink`); the tap pipeline will swap in a Kafka producer.
+hands each batch's records to a *sink*, a plain callable: in the tap service
+(tapstream.service) that is the Kafka producer, as ``audit`` events on ``greymesh.audit``.
 
 Delivery is at-least-once.  When the sink fails, the batch is answered 500 and OPA
 sends it again, including records already written.  Consumers therefore deduplicate
@@ -17,7 +17,6 @@ receiver keeps serving.
 
 from __future__ import annotations
 
-import argparse
 import ipaddress
 import json
 import logging
@@ -25,12 +24,14 @@ import threading
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from http.server import ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 from controlplane.jsonhttp import JsonHandler, serve
-from controlplane.policy import DECISION_PATH, TEST_SUFFIX
+from controlplane.policy import DECISION_PATH
+from tapstream import schema
 
 log = logging.getLogger("greymesh.decisionlog")
 
@@ -61,6 +62,16 @@ class AuditRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
 
+    def to_event(self) -> dict[str, Any]:
+        """This decision as an ``audit`` tap event (tapstream.schema.COLUMNS["audit"])."""
+        when = datetime.fromisoformat(self.time)  # OPA writes nanoseconds; microseconds are kept
+        return {
+            "v": schema.VERSION, "event_id": self.decision_id,
+            "time_us": int(when.timestamp()) * 1_000_000 + when.microsecond,
+            "caller": self.caller, "callee": self.callee, "method": self.method, "path": self.path,
+            "allow": int(self.allow), "reason": self.reason, "policy_hash": self.policy_hash,
+        }
+
     @classmethod
     def from_entry(cls, entry: object) -> AuditRecord | None:
         """The record of one decision-log entry; None for queries other than the
@@ -79,8 +90,13 @@ class AuditRecord:
             allow = _field(result, ("allow",), None, bool)
             reason = _field(result, ("reason",), "")
             policy_hash = _field(result, ("policy_hash",), "")
+        time = _field(entry, ("timestamp",), None)
+        try:
+            datetime.fromisoformat(time)
+        except ValueError:
+            raise ValueError(f"timestamp {time!r} is not RFC 3339") from None
         return cls(
-            time=_field(entry, ("timestamp",), None),
+            time=time,
             decision_id=_field(entry, ("decision_id",), None),
             caller=_field(entry, (*attrs, "source", "principal"), ""),
             callee=_field(entry, (*attrs, "destination", "principal"), ""),
@@ -108,26 +124,7 @@ def _field(doc: object, keys: tuple[str, ...], default: Any, kind: type = str) -
     return value
 
 
-Sink = Callable[[AuditRecord], None]
-
-
-class JsonlSink:
-    """Appends each record as one JSON line; safe to share between handler threads."""
-
-    def __init__(self, path: Path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.path = path
-        self._file: TextIO = path.open("a", encoding="utf-8")
-        self._lock = threading.Lock()
-
-    def __call__(self, record: AuditRecord) -> None:
-        with self._lock:
-            self._file.write(record.to_json() + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            self._file.close()
+Sink = Callable[[list[AuditRecord]], None]  # gets each batch's records at once
 
 
 @dataclass
@@ -159,8 +156,10 @@ class _Malformed(Exception):
 class DecisionLogReceiver:
     """OPA's decision-log service on host:port (port 0: any free one); use as a context manager."""
 
-    def __init__(self, sink: Sink, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, sink: Sink, host: str = "127.0.0.1", port: int = 0,
+                 extra_stats: Callable[[], dict[str, Any]] | None = None):
         self.sink = sink
+        self.extra_stats = extra_stats  # merged into GET /stats (the tap service's counters)
         self.stats = ReceiverStats()
         self._server: ThreadingHTTPServer = serve(self._handler(), host, port)
         self._thread = threading.Thread(target=self._server.serve_forever, name="decisionlog", daemon=True)
@@ -197,6 +196,7 @@ class DecisionLogReceiver:
         if not isinstance(entries, list):
             raise _Malformed(400, f"body is a JSON {type(entries).__name__}, not an array of decisions")
         counts = {"records": 0, "ignored": 0, "bad_entries": 0}
+        records = []
         for i, entry in enumerate(entries):
             try:
                 record = AuditRecord.from_entry(entry)
@@ -207,8 +207,10 @@ class DecisionLogReceiver:
             if record is None:
                 counts["ignored"] += 1
             else:
-                self.sink(record)
-                counts["records"] += 1
+                records.append(record)
+        if records:
+            self.sink(records)
+        counts["records"] = len(records)
         return counts
 
     def _handler(self) -> type[JsonHandler]:
@@ -217,7 +219,8 @@ class DecisionLogReceiver:
         class Handler(JsonHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path == "/stats":
-                    self.send_json(200, receiver.stats.snapshot())
+                    extra = receiver.extra_stats() if receiver.extra_stats else {}
+                    self.send_json(200, {"decisions": receiver.stats.snapshot(), **extra})
                 else:
                     self.send_json(404, {"error": f"no {self.path} here; OPA posts to {LOGS_PATH}"})
 
@@ -293,27 +296,3 @@ def opa_argv(opa_binary: Path, addr: str, config_path: Path) -> list[str]:
     # its CPU per decision); the decision log already records every decision.
     return [str(opa_binary), "run", "--server", "--addr", addr, "--config-file", str(config_path),
             "--skip-version-check", "--log-level", "error"]
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run a receiver that appends records to a JSONL file until interrupted."""
-    p = argparse.ArgumentParser(prog="python -m tapstream.decisionlog", description=main.__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, required=True)
-    p.add_argument("--out", type=Path, required=True, help="JSONL file the audit records are appended to")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    sink = JsonlSink(args.out)
-    receiver = DecisionLogReceiver(sink, args.host, args.port).start()
-    try:
-        threading.Event().wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        receiver.stop()
-        sink.close()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,377 @@
+"""The store sink: a Kafka consumer group that batch-inserts tap events into ClickHouse.
+
+Offsets are committed only after the rows they carry are in the store, so a crash
+replays, and never skips, what was not stored.  A replay must not duplicate rows, and
+the producer side may itself have written a record twice (a send whose ack was lost is
+spooled and sent again), so every row carries its Kafka partition and offset and
+events are deduplicated by ``event_id``:
+
+* per partition, the ids of the most recent events are kept in a bounded window; an
+  event whose id is in it is dropped;
+* when a partition is assigned (start, rebalance), its window is seeded from the store
+  with the ids stored since a little before the committed offset;
+* after a failed insert, the ids of the batch that did reach the store are read back
+  before the insert is retried, since a failure may hide a partial success.
+
+A record that is not a JSON array of well-formed events is counted and skipped (its
+offset is committed like any other): one bad record never blocks a partition.  While
+the store is down the sink retries the same batch with backoff and polls nothing more;
+Kafka holds the backlog, and the sink catches up when the store returns.
+
+Sinks scale with partitions: run as many as the topics have partitions, all in the
+same group; each owns its partitions' windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from datetime import date, datetime
+from http.server import ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, TopicPartition
+from kafka.errors import KafkaError
+from kafka.structs import OffsetAndMetadata
+
+from audit.store import Store, StoreError, open_store, table_for
+from controlplane.jsonhttp import JsonHandler, serve
+from tapstream import schema
+
+log = logging.getLogger("greymesh.sink")
+
+GROUP = "greymesh-sink"
+MAX_RECORD_BYTES = 8 << 20  # a collector's records are < 0.5 MiB; anything this big is not ours
+WINDOW_EVENTS = 200_000  # ids remembered per partition for deduplication
+SEED_RECORDS = 2_000  # seed a window from the store starting this many records before the commit
+RETRY_MAX_S = 5.0
+STATS_EVERY_S = 2.0
+
+EVENT_ID = 1  # the column index of event_id in every layer (asserted below)
+assert all(names.index("event_id") == EVENT_ID for names in schema.NAMES.values())
+_INT_RANGE = {"UInt8": 1 << 8, "UInt16": 1 << 16, "UInt32": 1 << 32, "UInt64": 1 << 64}
+
+
+class Malformed(ValueError):
+    """A record or event that does not follow tapstream.schema."""
+
+
+class EventDecoder:
+    """Turns one layer's records into checked row tuples in the store's column order."""
+
+    def __init__(self, layer: schema.Layer):
+        self.layer = layer
+        self.names = schema.NAMES[layer]
+        # (index, upper bound) of integer columns; every other column is a string.
+        self._strs = tuple(i for i, (_, t, _) in enumerate(schema.COLUMNS[layer]) if t == "String")
+        self._ints = tuple((i, hi) for i, (_, t, _) in enumerate(schema.COLUMNS[layer])
+                           if (hi := _INT_RANGE.get(t)) is not None)
+
+    def rows(self, value: bytes) -> tuple[list[tuple[Any, ...]], int]:
+        """The record's rows, and how many of its events were malformed (skipped).
+        Malformed when the record as a whole is not a JSON array."""
+        if len(value) > MAX_RECORD_BYTES:
+            raise Malformed(f"record of {len(value)} bytes, more than {MAX_RECORD_BYTES}")
+        try:
+            events = json.loads(value)
+        except ValueError as exc:
+            raise Malformed(f"not JSON: {exc}") from None
+        if not isinstance(events, list):
+            raise Malformed(f"a JSON {type(events).__name__}, not an array of events")
+        rows, bad = [], 0
+        names, ints, strs = self.names, self._ints, self._strs
+        for event in events:
+            try:
+                row = tuple([event[n] for n in names])
+            except (KeyError, TypeError):
+                bad += 1
+                continue
+            if all(type(row[i]) is int and 0 <= row[i] < hi for i, hi in ints) and all(
+                type(row[i]) is str for i in strs
+            ):
+                rows.append(row)
+            else:
+                bad += 1
+        return rows, bad
+
+
+class RecentIds:
+    """A bounded window of the event ids most recently stored from one partition."""
+
+    def __init__(self, capacity: int = WINDOW_EVENTS):
+        self._order: deque[str] = deque()
+        self._ids: set[str] = set()
+        self.capacity = capacity
+
+    def __contains__(self, event_id: str) -> bool:
+        return event_id in self._ids
+
+    def add(self, ids: Iterable[str]) -> None:
+        for event_id in ids:
+            if event_id not in self._ids:
+                self._ids.add(event_id)
+                self._order.append(event_id)
+        while len(self._order) > self.capacity:
+            self._ids.discard(self._order.popleft())
+
+
+@dataclass
+class SinkStats:
+    records: int = 0  # Kafka records consumed
+    rows: dict[str, int] = field(default_factory=lambda: {t: 0 for t in schema.LAYERS})  # inserted, by layer
+    duplicates: int = 0  # events dropped as already stored
+    malformed_records: int = 0
+    malformed_events: int = 0
+    insert_failures: int = 0
+    lag: dict[str, int] = field(default_factory=dict)  # topic -> records not yet consumed
+    last_error: str = ""
+    last_insert_unix: float = 0.0
+
+
+class Sink:
+    """Consumes the tap topics into ``store``; call :meth:`run` (or :meth:`step` in tests)."""
+
+    def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP,
+                 layers: Iterable[schema.Layer] = schema.LAYERS, max_poll_records: int = 2_000):
+        self.store = store
+        self.decoders = {schema.topic(layer): EventDecoder(layer) for layer in layers}
+        self.windows: dict[TopicPartition, RecentIds] = {}
+        self.stats = SinkStats()
+        self.store_lock = threading.Lock()  # the store is shared with the query API's threads
+        self._lag_at = 0.0
+        self.consumer = KafkaConsumer(
+            bootstrap_servers=bootstrap, group_id=group, client_id=f"{group}-{id(self):x}",
+            enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_poll_records,
+            max_partition_fetch_bytes=MAX_RECORD_BYTES, fetch_max_bytes=64 << 20,
+            # Retrying an insert against a store that is down for minutes must not cost us
+            # the group membership: the heartbeat thread keeps it, this bounds the wait.
+            max_poll_interval_ms=15 * 60 * 1000,
+        )
+        # kafka-python calls the listener on its I/O thread, where no blocking call (the
+        # committed offset, the store) may run: it only notes the partitions.
+        self._unseeded: set[TopicPartition] = set()
+        self.consumer.subscribe(list(self.decoders), listener=_Rebalance(self._unseeded.update))
+
+    def _seed(self, tp: TopicPartition) -> None:
+        """Start a newly assigned partition's window with what the store already has from
+        it, from a little before the committed offset on."""
+        committed = self.consumer.committed(tp) or 0
+        table = table_for(schema.layer_of_topic(tp.topic))
+        with self.store_lock:
+            ids = self._retrying(lambda: self.store.existing_event_ids(table, tp.partition,
+                                                                       max(0, committed - SEED_RECORDS)))
+        window = self.windows[tp] = RecentIds()
+        window.add(ids)
+        log.info("%s[%d]: from offset %d, %d event ids already stored", tp.topic, tp.partition, committed, len(ids))
+
+    def step(self, timeout_ms: int = 1000) -> int:
+        """Poll once, store what came, commit; returns the number of rows inserted."""
+        polled = self.consumer.poll(timeout_ms=timeout_ms)
+        while self._unseeded:  # assigned during that poll; seeded before any of their records
+            self._seed(self._unseeded.pop())
+        inserted = 0
+        offsets: dict[TopicPartition, int] = {}
+        for tp, records in polled.items():
+            rows = self._decode(tp, records)
+            if rows:
+                self._insert(tp, rows)
+                inserted += len(rows)
+            offsets[tp] = records[-1].offset + 1
+            self.stats.records += len(records)
+        if offsets:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        if time.monotonic() - self._lag_at > STATS_EVERY_S:
+            self._measure_lag()
+        return inserted
+
+    def _decode(self, tp: TopicPartition, records: list[Any]) -> list[tuple[Any, ...]]:
+        decoder = self.decoders[tp.topic]
+        window = self.windows[tp]
+        rows: list[tuple[Any, ...]] = []
+        batch_ids: set[str] = set()
+        for record in records:
+            try:
+                record_rows, bad = decoder.rows(record.value)
+            except Malformed as exc:
+                self.stats.malformed_records += 1
+                log.warning("%s[%d]@%d skipped: %s", tp.topic, tp.partition, record.offset, exc)
+                continue
+            self.stats.malformed_events += bad
+            for row in record_rows:
+                event_id = row[EVENT_ID]
+                if event_id in window or event_id in batch_ids:
+                    self.stats.duplicates += 1
+                    continue
+                batch_ids.add(event_id)
+                rows.append((*row, tp.partition, record.offset))
+        return rows
+
+    def _insert(self, tp: TopicPartition, rows: list[tuple[Any, ...]]) -> None:
+        layer = schema.layer_of_topic(tp.topic)
+        table = table_for(layer)
+        columns = (*schema.NAMES[layer], "kpartition", "koffset")
+        pending = rows
+        delay = 0.2
+        while True:
+            try:
+                with self.store_lock:
+                    self.store.insert(table, columns, pending)
+                break
+            except StoreError as exc:
+                self.stats.insert_failures += 1
+                self.stats.last_error = str(exc)
+                log.warning("insert of %d rows into %s failed, retrying in %.1f s: %s", len(pending), table, delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+                # The failed insert may have reached the store after all: never insert twice.
+                first = min(r[-1] for r in pending)
+                try:
+                    with self.store_lock:
+                        stored = self.store.existing_event_ids(table, tp.partition, first)
+                except StoreError:
+                    continue
+                pending = [r for r in pending if r[EVENT_ID] not in stored]
+                if not pending:
+                    break
+        self.windows[tp].add(r[EVENT_ID] for r in rows)
+        self.stats.rows[layer] += len(rows)
+        self.stats.last_insert_unix = time.time()
+
+    def _measure_lag(self) -> None:
+        self._lag_at = time.monotonic()
+        assigned = self.consumer.assignment()
+        if not assigned:
+            return
+        try:
+            ends = self.consumer.end_offsets(list(assigned))
+        except Exception as exc:  # the broker is away: keep the last figure
+            log.debug("lag not measured: %s", exc)
+            return
+        lag: dict[str, int] = {}
+        for tp, end in ends.items():
+            lag[tp.topic] = lag.get(tp.topic, 0) + max(0, end - self.consumer.position(tp))
+        self.stats.lag = lag
+
+    def _retrying(self, call: Callable[[], Any]) -> Any:
+        delay = 0.2
+        while True:
+            try:
+                return call()
+            except StoreError as exc:
+                self.stats.last_error = str(exc)
+                log.warning("store not answering, retrying in %.1f s: %s", delay, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_S)
+
+    def snapshot(self) -> dict[str, Any]:
+        doc = asdict(self.stats)
+        doc["store"] = self.store.url
+        return doc
+
+    def run(self, stop: threading.Event) -> None:
+        """Consume until ``stop`` is set.  Kafka trouble is logged and waited out, never fatal:
+        uncommitted records come back (to this sink or another) and are deduplicated."""
+        while not stop.is_set():
+            try:
+                self.step()
+            except KafkaError as exc:
+                self.stats.last_error = f"{type(exc).__name__}: {exc}"
+                log.warning("Kafka: %s; going on", self.stats.last_error)
+                stop.wait(1.0)
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+class _Rebalance(ConsumerRebalanceListener):
+    def __init__(self, on_assigned: Callable[[Iterable[TopicPartition]], None]):
+        self.on_assigned = on_assigned
+
+    def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        pass  # every batch is committed as soon as it is stored: nothing is pending here
+
+    def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        self.on_assigned(assigned)
+
+
+def serve_api(sink: Sink, host: str, port: int) -> ThreadingHTTPServer:
+    """The sink's loopback API: ``GET /stats`` and ``POST /query`` (``{"sql": ...}``,
+    read-only).  Queries go through the sink because an embedded (chdb) store belongs
+    to the one process that opened it."""
+
+    class Handler(JsonHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path == "/stats":
+                self.send_json(200, sink.snapshot())
+            else:
+                self.send_json(404, {"error": f"no {self.path} here: GET /stats, POST /query"})
+
+        def do_POST(self) -> None:  # noqa: N802
+            if self.path != "/query":
+                self.send_json(404, {"error": f"no {self.path} here: GET /stats, POST /query"})
+                return
+            try:
+                length = int(self.headers.get("Content-Length", "0"))
+                sql = json.loads(self.rfile.read(length))["sql"]
+                if not isinstance(sql, str):
+                    raise TypeError("sql must be a string")
+            except (ValueError, KeyError, TypeError) as exc:
+                self.send_json(400, {"error": f'send {{"sql": "SELECT ..."}}: {exc}'})
+                return
+            try:
+                with sink.store_lock:
+                    columns, rows = sink.store.query_readonly(sql)
+            except StoreError as exc:
+                self.send_json(400, {"error": str(exc)})
+                return
+            self.send_json(200, {"columns": columns, "rows": [[_jsonable(v) for v in r] for r in rows]})
+
+    server = serve(Handler, host, port)
+    threading.Thread(target=server.serve_forever, name="sink-api", daemon=True).start()
+    return server
+
+
+def _jsonable(value: Any) -> Any:
+    """Query values as JSON: DateTime columns as ISO 8601 text, everything else as is."""
+    return value.isoformat() if isinstance(value, (datetime, date)) else value
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m audit.sink", description="Consume the tap topics into the store.")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--kafka", required=True, help="bootstrap servers, host:port[,host:port...]")
+    p.add_argument("--store", default=None, help="clickhouse://host:9000/db (default: embedded chdb in the data dir)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--http-port", type=int, required=True, help="the /stats and /query API")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    store = open_store(args.store, data_dir=args.data_dir)
+    applied = store.migrate()
+    log.info("store %s: migrations applied now: %s", store.url, applied or "none (up to date)")
+    sink = Sink(store, args.kafka)
+    server = serve_api(sink, args.host, args.http_port)
+    log.info("sink: Kafka %s -> %s; API on %s:%d", args.kafka, store.url, args.host, args.http_port)
+    try:
+        sink.run(stop)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.shutdown()
+        sink.close()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

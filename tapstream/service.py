@@ -1,0 +1,127 @@
+"""The tap service of one host (`python -m tapstream.service`, started by `greymesh up`).
+
+One process holds the two ways events enter the pipe and the one way they leave it:
+
+    sidecars --ALS gRPC--> Collector ----\\
+                                          TapProducer --> Kafka (spool on disk while it is away)
+    OPA --decision logs HTTP--> receiver -/
+
+Its HTTP port serves OPA's ``POST /logs`` and ``GET /stats`` (collector, producer and
+decision counters; `greymesh status` and `greymesh taps stats` read it).  Events the
+spool had to drop are never silent: they are counted in the stats, logged, and once the
+broker takes records again an alert record goes to ``greymesh.alerts``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tapstream import schema
+from tapstream.collector import Collector, serve
+from tapstream.decisionlog import AuditRecord, DecisionLogReceiver
+from tapstream.producer import TapProducer
+
+log = logging.getLogger("greymesh.tapstream")
+
+ALERTS_TOPIC = "greymesh.alerts"
+ALERT_CHECK_S = 5.0
+
+
+class DropAlerts:
+    """Turns the producer's drop callbacks into one alert record per burst, sent once the
+    broker is back (an alert sent while it is away would only be dropped too)."""
+
+    def __init__(self, host: str):
+        self.host = host
+        self._lock = threading.Lock()
+        self._pending = [0, 0]  # records, events dropped since the last alert
+        self._since_us = 0
+
+    def on_drop(self, records: int, events: int) -> None:
+        with self._lock:
+            if self._pending == [0, 0]:
+                self._since_us = time.time_ns() // 1000
+            self._pending[0] += records
+            self._pending[1] += events
+
+    def flush(self, producer: TapProducer) -> None:
+        if not producer.stats().broker_up:
+            return
+        with self._lock:
+            (records, events), self._pending = self._pending, [0, 0]
+            since = self._since_us
+        if events or records:
+            alert = {
+                "v": 1, "kind": "tap_drop", "severity": "critical", "host": self.host,
+                "time_us": time.time_ns() // 1000, "since_us": since,
+                "dropped_records": records, "dropped_events": events,
+                "message": f"the tap spool on {self.host} was full: {events} events in {records} records were "
+                           "dropped while Kafka was unreachable; raise --max-spool-mb or fix the broker sooner",
+            }
+            producer.send(ALERTS_TOPIC, self.host, json.dumps(alert).encode())
+
+
+def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, bootstrap: str,
+        max_spool_bytes: int, stop: threading.Event) -> None:
+    """Serve until ``stop`` is set, then flush what can be flushed."""
+    alerts = DropAlerts(host)
+    producer = TapProducer(bootstrap, data_dir / "taps" / "spool", max_spool_bytes=max_spool_bytes,
+                           on_drop=alerts.on_drop)
+    collector = Collector(producer)
+
+    def publish_decisions(records: list[AuditRecord]) -> None:
+        by_callee: dict[str, list[dict[str, Any]]] = {}
+        for record in records:
+            by_callee.setdefault(record.callee, []).append(record.to_event())
+        for callee, events in by_callee.items():
+            producer.send(schema.AUDIT_TOPIC, callee, json.dumps(events, separators=(",", ":")).encode(),
+                          events=len(events))
+
+    def stats() -> dict[str, Any]:
+        return {"collector": collector.stats.snapshot(), "producer": asdict(producer.stats())}
+
+    receiver = DecisionLogReceiver(publish_decisions, host, http_port, extra_stats=stats).start()
+    server, port = serve(collector, host, grpc_port)
+    log.info("tap collector: ALS on %s:%d, decision logs and /stats on %s; Kafka at %s",
+             host, port, receiver.url, bootstrap)
+    try:
+        while not stop.wait(ALERT_CHECK_S):
+            alerts.flush(producer)
+    finally:
+        server.stop(grace=2).wait()  # sidecars reconnect to the next collector
+        receiver.stop()
+        alerts.flush(producer)
+        producer.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tapstream.service", description="Run the tap collector of one host.")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--grpc-port", type=int, required=True, help="the ALS port sidecars stream to")
+    p.add_argument("--http-port", type=int, required=True, help="OPA's decision logs and /stats")
+    p.add_argument("--kafka", required=True, help="bootstrap servers, host:port[,host:port...]")
+    p.add_argument("--max-spool-mb", type=int, default=256, help="disk spool bound while Kafka is away")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        run(data_dir=args.data_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+            bootstrap=args.kafka, max_spool_bytes=args.max_spool_mb << 20, stop=stop)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
