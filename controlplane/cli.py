@@ -1,8 +1,10 @@
 """The `greymesh` command.
 
-User commands: up, down, status, apply, policy (test, push, diff, eval), ca rotate, doctor.  The run-* commands are what `up`
-starts as separate processes (control plane, demo services, load generator); they
-are listed under "internal" in --help.
+User commands: up, down, status, apply, policy (test, push, diff, eval), ca rotate,
+taps (tail, query, stats), doctor.  The run-* commands are what `up` starts as separate
+processes (control plane, demo services, load generator); they are listed under
+"internal" in --help.  The tap service and the sink run as `python -m tapstream.service`
+and `python -m audit.sink`.
 Exit codes: 0 done, 1 failed at run time, 2 refused input (the message says why).
 """
 
@@ -58,6 +60,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--rps", type=float, default=5.0, help="steady demo load, requests/s (0: none)")
     sp.add_argument("--no-watch", action="store_true", help="do not re-apply the spec file when it changes")
     sp.add_argument("--foreground", action="store_true", help="stay attached; Ctrl-C stops the mesh")
+    sp.add_argument("--kafka", metavar="HOST:PORT[,...]",
+                    help="an existing Kafka cluster for the audit taps, or 'local' to run a broker here "
+                         "(default: what this data dir used last; a local broker at first)")
+    sp.add_argument("--store", metavar="URL",
+                    help="tap store: clickhouse://host:9000/db, or 'chdb' for the embedded store in the data dir "
+                         "(default: what this data dir used last; chdb at first)")
 
     sp = cmd("down", _down, "stop everything `up` started in the data dir")
     data_dir(sp)
@@ -77,6 +85,10 @@ def _parser() -> argparse.ArgumentParser:
     from controlplane import policy  # its OPA client loads lazily; this only adds the subcommands
 
     policy.register_cli(sub, data_dir)
+
+    from audit import cli as taps_cli
+
+    taps_cli.register_cli(sub, data_dir)
 
     sp = cmd("doctor", _doctor, "list the external components greymesh uses and how to install missing ones")
     sp.add_argument("--json", action="store_true")
@@ -119,7 +131,7 @@ def _up(args: argparse.Namespace) -> int:
     dd = runtime.DataDir(args.data_dir)
     spec = args.spec or (dd.spec if dd.spec.exists() else DEMO_SPEC)
     state = runtime.up(dd, spec, xds_api=args.xds_api, load_rps=args.rps, watch=not args.no_watch,
-                       progress=_progress)
+                       kafka=args.kafka, store=args.store, progress=_progress)
     print(f"mesh is up: entrypoint {state.entrypoint}  (data dir {dd.root}; `greymesh status`, `greymesh down`)")
     if not args.foreground:
         return 0
@@ -271,7 +283,23 @@ def _render_status(doc: dict) -> str:
     if "loadgen" in doc:
         lines.append("")
         lines.append(f"load: {doc['loadgen']['rps']} rps to {doc['loadgen']['url']}: outcomes {doc['loadgen']['outcomes']}")
+    if "taps" in doc:
+        lines += ["", *_render_taps(doc["taps"])]
     return "\n".join(lines)
+
+
+def _render_taps(taps: dict) -> list[str]:
+    collector, sink = taps.get("collector", {}), taps.get("sink", {})
+    lines = [f"taps: Kafka {taps['kafka']} -> store {taps['store']}"]
+    if "error" in collector or "error" in sink:
+        return lines + [f"    collector: {collector.get('error', 'ok')}; sink: {sink.get('error', 'ok')}"]
+    producer = collector["producer"]
+    lines.append(f"    collected {collector['collector']['events']}, stored {sink['rows']}, "
+                 f"consumer lag {sink['lag']}, spool {producer['spool_records']} records / {producer['spool_bytes']} B, "
+                 f"broker {'up' if producer['broker_up'] else 'DOWN'}")
+    if producer["dropped_events"]:
+        lines.append(f"    ALERT: {producer['dropped_events']} events dropped (spool full while Kafka was away)")
+    return lines
 
 
 _SHORT_TYPE = {CLUSTER: "CDS", ENDPOINT: "EDS", SECRET: "SDS", LISTENER: "LDS", ROUTE: "RDS"}

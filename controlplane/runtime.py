@@ -15,6 +15,7 @@ import fcntl
 import getpass
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,6 +95,11 @@ class RuntimeState:
     xds_api: XdsApi = "delta"
     spec_source: str | None = None
     entrypoint: str | None = None
+    kafka: str | None = None  # bootstrap servers of an external Kafka; None: the local broker
+    store: str | None = None  # tap store URL (audit.store.open_store); None: embedded chdb
+
+    def kafka_bootstrap(self) -> str:
+        return self.kafka or f"{HOST}:{self.ports[KAFKA]}"
 
     @classmethod
     def load(cls, path: Path) -> RuntimeState:
@@ -110,6 +116,8 @@ class RuntimeState:
             "xds_api": self.xds_api,
             "spec_source": self.spec_source,
             "entrypoint": self.entrypoint,
+            "kafka": self.kafka,
+            "store": self.store,
         }
         write_atomic(path, json.dumps(doc, indent=2))
 
@@ -160,17 +168,63 @@ def placement_of(spec: MeshSpec, state: RuntimeState) -> Placement:
             for i in s.instances
         },
         authz=state.ports[AUTHZ],
+        taps=state.ports[TAPS_GRPC],
     )
 
 
 _ROLES = ("app", "inbound", "outbound", "ingress", "admin")
 CP_XDS, CP_ADMIN = "controlplane.xds", "controlplane.admin"
-OPA_HTTP, DECISIONS, AUTHZ = "opa.http", "decisions.http", "authz.grpc"
-HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, DECISIONS, AUTHZ)
+OPA_HTTP, AUTHZ = "opa.http", "authz.grpc"
+KAFKA, KAFKA_CONTROLLER = "kafka.client", "kafka.controller"
+LOCAL_KAFKA = "local"
+_BOOTSTRAP = re.compile(r"[^,:\s]+:\d{1,5}(,[^,:\s]+:\d{1,5})*")
+TAPS_GRPC, TAPS_HTTP, SINK_HTTP = "taps.grpc", "taps.http", "sink.http"
+HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, AUTHZ, KAFKA, KAFKA_CONTROLLER, TAPS_GRPC, TAPS_HTTP, SINK_HTTP)
+
+
+def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
+    """The audit pipe: Kafka (local unless one was given), the host's tap collector,
+    and the sink that stores the topics (embedded chdb unless a store was given)."""
+    from audit import kafka as broker
+    from tapstream import schema
+    from tapstream.service import ALERTS_TOPIC
+
+    bootstrap = state.kafka_bootstrap()
+    if state.kafka is None:
+        run_dir = dd.root / "kafka"
+        config = broker.write_config(run_dir, port=state.ports[KAFKA], controller_port=state.ports[KAFKA_CONTROLLER])
+        try:
+            if broker.format_storage(run_dir, config):
+                progress(f"Kafka: formatted a new single-node KRaft log in {run_dir / 'data'}")
+            argv = broker.broker_argv(config)
+        except FileNotFoundError as exc:
+            raise MeshRuntimeError(f"{exc} (`greymesh doctor` shows what is missing)") from None
+        _start(dd, state, "kafka", argv)
+        state.save(dd.state)
+    progress(f"waiting for Kafka at {bootstrap}")
+    try:
+        broker.wait_ready(bootstrap, timeout=READY_TIMEOUT_S)
+    except TimeoutError as exc:
+        raise MeshRuntimeError(f"{exc}; see {dd.log('kafka')}") from None
+    created = broker.ensure_topics(bootstrap, [*map(schema.topic, schema.LAYERS), ALERTS_TOPIC])
+    if created:
+        progress(f"Kafka: created topics {', '.join(created)}")
+    _start(dd, state, "taps", [
+        sys.executable, "-m", "tapstream.service", "--data-dir", str(dd.root),
+        "--grpc-port", str(state.ports[TAPS_GRPC]), "--http-port", str(state.ports[TAPS_HTTP]), "--kafka", bootstrap,
+    ])
+    _start(dd, state, "sink", [
+        sys.executable, "-m", "audit.sink", "--data-dir", str(dd.root), "--kafka", bootstrap,
+        "--http-port", str(state.ports[SINK_HTTP]), *(["--store", state.store] if state.store else []),
+    ])
+    state.save(dd.state)
+    _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[TAPS_HTTP]}/stats"), "the tap collector", dd.log("taps"), progress)
+    _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[SINK_HTTP]}/stats"),
+          f"the tap store sink ({state.store or 'embedded chdb'}, migrations)", dd.log("sink"), progress)
 
 
 def _start_policy_engine(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
-    """One OPA per host, fed decisions by the bridge, reporting them to the audit receiver.
+    """One OPA per host, fed decisions by the bridge, reporting them to the tap service.
 
     One per host (not per sidecar): decisions need only the caller's and callee's
     identities, which arrive with each check, so sidecars share it, and a 2-core
@@ -182,14 +236,8 @@ def _start_policy_engine(dd: DataDir, state: RuntimeState, progress: Progress) -
     opa = opa_binary()
     if not opa.exists():
         raise MeshRuntimeError(f"OPA is not installed at {opa}: run deploy/install.sh (`greymesh doctor` shows what is missing)")
-    audit = dd.root / "audit"
-    audit.mkdir(exist_ok=True)
-    _start(dd, state, "decision-logs", [
-        sys.executable, "-m", "tapstream.decisionlog", "--port", str(state.ports[DECISIONS]),
-        "--out", str(audit / "decisions.jsonl"),
-    ])
     config = dd.root / "opa" / "config.json"
-    write_atomic(config, json.dumps(opa_config(f"http://{HOST}:{state.ports[DECISIONS]}"), indent=2))
+    write_atomic(config, json.dumps(opa_config(f"http://{HOST}:{state.ports[TAPS_HTTP]}"), indent=2))
     _start(dd, state, "opa", opa_argv(opa, f"{HOST}:{state.ports[OPA_HTTP]}", config))
     _start(dd, state, "authz", _greymesh(
         "run-authz", "--data-dir", str(dd.root), "--port", str(state.ports[AUTHZ]),
@@ -287,18 +335,40 @@ def up(
     xds_api: XdsApi = "delta",
     load_rps: float = 5.0,
     watch: bool = True,
+    kafka: str | None = None,
+    store: str | None = None,
     progress: Progress = print,
 ) -> RuntimeState:
-    """Start (or complete) the mesh described by spec_path; return once it serves."""
+    """Start (or complete) the mesh described by spec_path; return once it serves.
+
+    ``kafka`` (bootstrap servers, or "local") and ``store`` (a tap store URL, or "chdb")
+    point the audit pipe at existing clusters; by default a local broker and an embedded
+    store are run, and None keeps what this data dir used last."""
     spec = load_spec(spec_path)  # SpecError if invalid: nothing is started
+    if kafka is not None and kafka != LOCAL_KAFKA and not _BOOTSTRAP.fullmatch(kafka):
+        raise MeshRuntimeError(f"--kafka {kafka!r}: expected host:port[,host:port...] (the brokers' client "
+                               f"listeners) or {LOCAL_KAFKA!r}")
+    if store is not None:
+        from audit.store import StoreError, check_url
+
+        try:  # refuse a malformed URL before anything starts; the sink connects later
+            check_url(store)
+        except StoreError as exc:
+            raise MeshRuntimeError(str(exc)) from None
     with _locked(dd):
         state = RuntimeState.load(dd.state)
         state.xds_api = xds_api
+        # Unsaid means unchanged: a second `up` keeps the pipe where the first put it.
+        if kafka is not None:
+            state.kafka = None if kafka == LOCAL_KAFKA else kafka
+        if store is not None:
+            state.store = None if store == "chdb" else store
         state.spec_source = str(spec_path.resolve())
         instances = [(s, i) for s in spec.services for i in s.instances]
         _allocate(state, dd.root, [*HOST_KEYS, *(f"{i.name}.{r}" for _, i in instances for r in _ROLES)])
         placement = placement_of(spec, state)
         write_atomic(dd.placement, placement.to_json())
+        _start_taps(dd, state, progress)
         _start_policy_engine(dd, state, progress)
         cp_argv = _greymesh(
             "run-controlplane", "--data-dir", str(dd.root),
@@ -364,11 +434,12 @@ def down(dd: DataDir, progress: Progress = print) -> int:
     with _locked(dd):
         state = RuntimeState.load(dd.state)
         # Traffic first, control plane last, so sidecars never lose config mid-request.
-        stages = ("loadgen", "app", "envoy", "controlplane", "authz", "opa", "decision-logs")
-        order = sorted(state.processes, key=lambda n: stages.index(n.split(":")[0]))
+        # The tap service flushes to Kafka and the sink commits before the broker stops.
+        stages = ("loadgen", "app", "envoy", "controlplane", "authz", "opa", "taps", "sink", "kafka")
+        order = sorted(state.processes, key=lambda n: stages.index(n.split(":")[0]) if n.split(":")[0] in stages else 0)
         for name in order:
             progress(f"stopping {name}")
-            _stop(dd, state, name)
+            _stop(dd, state, name, grace_s=30.0 if name == "kafka" else 10.0)
         state.save(dd.state)
         return len(order)
 
@@ -422,7 +493,19 @@ def status(dd: DataDir) -> dict:
             doc["controlplane"] = {"error": f"not reachable: {exc}"}
     with contextlib.suppress(OSError, ValueError):
         doc["loadgen"] = json.loads(dd.loadgen_tally.read_text())
+    if TAPS_HTTP in state.ports:
+        doc["taps"] = {"kafka": state.kafka_bootstrap(), "store": state.store or "chdb (embedded)",
+                       "collector": _get_json(f"http://{HOST}:{state.ports[TAPS_HTTP]}/stats"),
+                       "sink": _get_json(f"http://{HOST}:{state.ports[SINK_HTTP]}/stats")}
     return doc
+
+
+def _get_json(url: str) -> dict:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        return {"error": f"not reachable: {exc}"}
 
 
 # --- waiting -----------------------------------------------------------------------

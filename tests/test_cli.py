@@ -41,3 +41,19 @@ def test_status_of_an_empty_data_dir_is_not_a_crash(tmp_path: Path):
     doc = json.loads(proc.stdout)
     assert doc["processes"] == {} and doc["entrypoint"] is None
     assert proc.returncode == 0
+
+
+def test_up_refuses_a_bad_store_url_or_kafka_address_before_starting_anything(tmp_path: Path):
+    bad_store = greymesh("up", "--store", "mysql://db:3306/taps", "--data-dir", str(tmp_path))
+    assert bad_store.returncode == 1
+    assert "mysql://db:3306/taps" in bad_store.stderr and "clickhouse://" in bad_store.stderr
+    bad_kafka = greymesh("up", "--kafka", "broker-without-port", "--data-dir", str(tmp_path))
+    assert bad_kafka.returncode == 1
+    assert "broker-without-port" in bad_kafka.stderr and "host:port" in bad_kafka.stderr
+    assert not (tmp_path / "runtime.json").exists()
+
+
+def test_taps_commands_without_a_running_mesh_say_to_run_up(tmp_path: Path):
+    for action in (["query", "SELECT 1"], ["stats"], ["tail"]):
+        proc = greymesh("taps", *action, "--data-dir", str(tmp_path))
+        assert proc.returncode == 1 and "greymesh up" in proc.stderr, (action, proc.stderr)

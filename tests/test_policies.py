@@ -15,7 +15,6 @@ import hashlib
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -37,6 +36,7 @@ from controlplane.meshspec import load_spec
 from controlplane.runtime import MeshRuntimeError
 from tapstream.decisionlog import AuditRecord, DecisionLogReceiver, opa_argv, opa_config
 from tests.support.mesh import DEMO_SPEC
+from tests.support.net import free_port
 
 START_TIMEOUT_S = 20.0
 DELIVERY_TIMEOUT_S = 8.0  # OPA reports every second (opa_config)
@@ -69,12 +69,6 @@ def request(caller_id: str, callee_id: str, method: str = "GET", path: str = "/"
     req.attributes.request.http.path = path
     req.attributes.request.http.host = "svc"
     return opa_input(req)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(what: str, ready: Callable[[], bool], timeout_s: float) -> None:

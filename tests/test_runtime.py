@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import pytest
 
 from controlplane import runtime
 from controlplane.meshspec import load_spec

@@ -18,7 +18,6 @@ from audit import sink as sink_module
 from audit.sink import Sink
 from audit.store import Store, StoreError, table_for
 from tapstream import schema
-from tests.support.clickhouse import clickhouse_server, empty_store, store  # noqa: F401
 from tests.support.kafka import Broker
 from tests.support.mesh import wait_for
 

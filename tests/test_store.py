@@ -15,7 +15,8 @@ from audit import migrations
 from audit.store import ChdbStore, ClickHouseStore, Store, StoreError, open_store, table_for
 from controlplane import doctor
 from tapstream.schema import COLUMNS, LAYERS, NAMES, RESET_FLAGS, Layer
-from tests.support.clickhouse import ClickHouseServer, clickhouse_server, empty_store, free_port, store  # noqa: F401
+from tests.support.clickhouse import ClickHouseServer
+from tests.support.net import free_port
 
 T0_S = 1_764_400_000  # a multiple of 10: windows start here
 PROVENANCE = ("kpartition", "koffset")

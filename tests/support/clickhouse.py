@@ -1,8 +1,8 @@
 """A real ClickHouse server for tests, and store fixtures over both backends.
 
-Other test modules use the fixtures by importing them:
+tests/conftest.py registers this module as a plugin, so every test module can use:
 
-    from tests.support.clickhouse import clickhouse_server, empty_store, store  # noqa: F401
+    def test_x(store: Store): ...      # or clickhouse_server, empty_store
 
 ``store`` (and ``empty_store``, the same before migrate()) is parametrized over
 ["chdb", "clickhouse"]: each test gets a fresh chdb path or a fresh database on the one
@@ -13,7 +13,6 @@ saying what installs it.
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -24,15 +23,10 @@ import pytest
 
 from audit import clickhouse_server as server
 from audit.store import ChdbStore, ClickHouseStore, Store, StoreError
+from tests.support.net import free_port
 
 READY_TIMEOUT = 60.0
 STOP_TIMEOUT = 30.0
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ClickHouseServer:

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import time
 from pathlib import Path
 
 from audit import kafka as broker
+from tests.support.net import free_port
 
 READY_TIMEOUT = 90.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Broker:
@@ -23,7 +17,7 @@ class Broker:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
-        self.port, self.controller_port = _free_port(), _free_port()
+        self.port, self.controller_port = free_port(), free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
         self.config = broker.write_config(run_dir, port=self.port, controller_port=self.controller_port)
         self.proc: subprocess.Popen[bytes] | None = None

@@ -102,10 +102,11 @@ class Traffic:
 class Mesh:
     """One running demo mesh in its own data dir."""
 
-    def __init__(self, data_dir: Path, spec_path: Path, xds_api: str):
+    def __init__(self, data_dir: Path, spec_path: Path, xds_api: str, up_args: tuple[str, ...] = ("--rps", "2")):
         self.data_dir = data_dir
         self.spec_path = spec_path
         self.xds_api = xds_api
+        self.up_args = up_args
         self.baseline = yaml.safe_load(DEMO_SPEC.read_text())
 
     def cli(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
@@ -118,7 +119,7 @@ class Mesh:
         return proc
 
     def up(self) -> None:
-        self.cli("up", str(self.spec_path), "--xds-api", self.xds_api, "--rps", "2")
+        self.cli("up", str(self.spec_path), "--xds-api", self.xds_api, *self.up_args)
 
     def status(self) -> dict:
         return json.loads(self.cli("status", "--json", check=False).stdout)
@@ -155,6 +156,30 @@ class Mesh:
     def placement(self) -> dict:
         return json.loads((self.data_dir / "placement.json").read_text())
 
+    def ports(self) -> dict[str, int]:
+        return json.loads((self.data_dir / "runtime.json").read_text())["ports"]
+
+    def stats(self) -> dict:
+        """The tap service's counters (collector, producer, decisions)."""
+        return _get_json(f"http://127.0.0.1:{self.ports()['taps.http']}/stats")
+
+    def sink_stats(self) -> dict:
+        return _get_json(f"http://127.0.0.1:{self.ports()['sink.http']}/stats")
+
+    def query(self, sql: str) -> list[dict]:
+        """Rows of a read-only query against the tap store, through the sink's API
+        (what `greymesh taps query` uses)."""
+        req = urllib.request.Request(f"http://127.0.0.1:{self.ports()['sink.http']}/query",
+                                     data=json.dumps({"sql": sql}).encode())
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            doc = json.loads(resp.read())
+        return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
+
+
+def _get_json(url: str) -> dict:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return json.loads(resp.read())
+
 
 def envoy_stat(admin_port: int, name: str) -> int:
     """One counter from an Envoy's admin API (0 if Envoy does not have it yet)."""
@@ -168,11 +193,11 @@ def envoy_stat(admin_port: int, name: str) -> int:
 
 
 @contextlib.contextmanager
-def running_mesh(work: Path, doc: dict, xds_api: str) -> Iterator[Mesh]:
+def running_mesh(work: Path, doc: dict, xds_api: str, up_args: tuple[str, ...] = ("--rps", "2")) -> Iterator[Mesh]:
     """A mesh started from `doc` in `work` (its baseline spec), stopped on exit whatever happens."""
     spec = work / "mesh.yaml"
     spec.write_text(yaml.safe_dump(doc, sort_keys=False))
-    mesh = Mesh(work / "data", spec, xds_api)
+    mesh = Mesh(work / "data", spec, xds_api, up_args)
     mesh.baseline = copy.deepcopy(doc)
     try:
         mesh.up()
