@@ -1,5 +1,6 @@
 """The store sink: a Kafka consumer group that batch-inserts tap events into ClickHouse.
 
+Rows are gathered for up to BATCH_S or BATCH_ROWS and inserted one INSERT per table.
 Offsets are committed only after the rows they carry are in the store, so a crash
 replays, and never skips, what was not stored.  A replay must not duplicate rows, and
 the producer side may itself have written a record twice (a send whose ack was lost is
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import operator
 import signal
 import threading
 import time
@@ -54,6 +56,10 @@ WINDOW_EVENTS = 200_000  # ids remembered per partition for deduplication
 SEED_RECORDS = 2_000  # seed a window from the store starting this many records before the commit
 RETRY_MAX_S = 5.0
 STATS_EVERY_S = 2.0
+# ClickHouse wants few large inserts (each makes a part per table and view, merged later
+# in the background): a batch is stored at this many rows or this age, whichever first.
+BATCH_ROWS = 50_000
+BATCH_S = 0.5
 
 EVENT_ID = 1  # the column index of event_id in every layer (asserted below)
 assert all(names.index("event_id") == EVENT_ID for names in schema.NAMES.values())
@@ -70,10 +76,13 @@ class EventDecoder:
     def __init__(self, layer: schema.Layer):
         self.layer = layer
         self.names = schema.NAMES[layer]
-        # (index, upper bound) of integer columns; every other column is a string.
-        self._strs = tuple(i for i, (_, t, _) in enumerate(schema.COLUMNS[layer]) if t == "String")
-        self._ints = tuple((i, hi) for i, (_, t, _) in enumerate(schema.COLUMNS[layer])
-                           if (hi := _INT_RANGE.get(t)) is not None)
+        kinds = [kind for _, kind, _ in schema.COLUMNS[layer]]
+        # Checked with C-level calls only (this runs for every event): the exact type of
+        # every column at once, then the integer columns against their bounds.
+        self._types = tuple(int if kind in _INT_RANGE else str for kind in kinds)
+        ints = [i for i, kind in enumerate(kinds) if kind in _INT_RANGE]
+        self._int_values = operator.itemgetter(*ints)
+        self._int_bounds = tuple(_INT_RANGE[kinds[i]] for i in ints)
 
     def rows(self, value: bytes) -> tuple[list[tuple[Any, ...]], int]:
         """The record's rows, and how many of its events were malformed (skipped).
@@ -87,19 +96,20 @@ class EventDecoder:
         if not isinstance(events, list):
             raise Malformed(f"a JSON {type(events).__name__}, not an array of events")
         rows, bad = [], 0
-        names, ints, strs = self.names, self._ints, self._strs
+        names, types, int_values, bounds = self.names, self._types, self._int_values, self._int_bounds
+        lt = operator.lt
         for event in events:
             try:
                 row = tuple([event[n] for n in names])
             except (KeyError, TypeError):
                 bad += 1
                 continue
-            if all(type(row[i]) is int and 0 <= row[i] < hi for i, hi in ints) and all(
-                type(row[i]) is str for i in strs
-            ):
-                rows.append(row)
-            else:
-                bad += 1
+            if tuple(map(type, row)) == types:
+                values = int_values(row)
+                if min(values) >= 0 and all(map(lt, values, bounds)):
+                    rows.append(row)
+                    continue
+            bad += 1
         return rows, bad
 
 
@@ -114,13 +124,15 @@ class RecentIds:
     def __contains__(self, event_id: str) -> bool:
         return event_id in self._ids
 
-    def add(self, ids: Iterable[str]) -> None:
-        for event_id in ids:
-            if event_id not in self._ids:
-                self._ids.add(event_id)
-                self._order.append(event_id)
-        while len(self._order) > self.capacity:
+    def add(self, event_id: str) -> bool:
+        """Remember ``event_id``; False if it was already remembered (a duplicate)."""
+        if event_id in self._ids:
+            return False
+        self._ids.add(event_id)
+        self._order.append(event_id)
+        if len(self._order) > self.capacity:
             self._ids.discard(self._order.popleft())
+        return True
 
 
 @dataclass
@@ -158,6 +170,11 @@ class Sink:
         # kafka-python calls the listener on its I/O thread, where no blocking call (the
         # committed offset, the store) may run: it only notes the partitions.
         self._unseeded: set[TopicPartition] = set()
+        # The batch being gathered: rows by topic, and the offsets to commit once stored.
+        self._pending: dict[str, list[tuple[Any, ...]]] = {}
+        self._offsets: dict[TopicPartition, int] = {}
+        self._pending_rows = 0
+        self._pending_since: float | None = None
         self.consumer.subscribe(list(self.decoders), listener=_Rebalance(self._unseeded.update))
 
     def _seed(self, tp: TopicPartition) -> None:
@@ -169,34 +186,52 @@ class Sink:
             ids = self._retrying(lambda: self.store.existing_event_ids(table, tp.partition,
                                                                        max(0, committed - SEED_RECORDS)))
         window = self.windows[tp] = RecentIds()
-        window.add(ids)
+        for event_id in ids:
+            window.add(event_id)
         log.info("%s[%d]: from offset %d, %d event ids already stored", tp.topic, tp.partition, committed, len(ids))
 
     def step(self, timeout_ms: int = 1000) -> int:
-        """Poll once, store what came, commit; returns the number of rows inserted."""
+        """Poll once and add what came to the pending batch; store the batch and commit
+        its offsets when it is large or old enough.  Returns the rows inserted."""
+        if self._pending_since is not None:  # do not sleep past the batch's deadline
+            timeout_ms = max(0, min(timeout_ms, int((self._pending_since + BATCH_S - time.monotonic()) * 1000)))
         polled = self.consumer.poll(timeout_ms=timeout_ms)
         while self._unseeded:  # assigned during that poll; seeded before any of their records
             self._seed(self._unseeded.pop())
-        inserted = 0
-        offsets: dict[TopicPartition, int] = {}
         for tp, records in polled.items():
             rows = self._decode(tp, records)
             if rows:
-                self._insert(tp, rows)
-                inserted += len(rows)
-            offsets[tp] = records[-1].offset + 1
+                self._pending.setdefault(tp.topic, []).extend(rows)
+                self._pending_rows += len(rows)
+            self._offsets[tp] = records[-1].offset + 1
             self.stats.records += len(records)
-        if offsets:
-            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in offsets.items()})
+        if polled and self._pending_since is None:
+            self._pending_since = time.monotonic()
+        inserted = 0
+        if self._offsets and (self._pending_rows >= BATCH_ROWS or time.monotonic() - self._pending_since >= BATCH_S):
+            inserted = self.flush()
         if time.monotonic() - self._lag_at > STATS_EVERY_S:
             self._measure_lag()
+        return inserted
+
+    def flush(self) -> int:
+        """Store every pending row (retrying while the store is away), then commit the
+        offsets they came from; returns the rows inserted."""
+        inserted = 0
+        for topic, rows in self._pending.items():
+            self._insert(topic, rows)
+            inserted += len(rows)
+        if self._offsets:
+            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._offsets.items()})
+        self._pending.clear()
+        self._offsets.clear()
+        self._pending_rows, self._pending_since = 0, None
         return inserted
 
     def _decode(self, tp: TopicPartition, records: list[Any]) -> list[tuple[Any, ...]]:
         decoder = self.decoders[tp.topic]
         window = self.windows[tp]
         rows: list[tuple[Any, ...]] = []
-        batch_ids: set[str] = set()
         for record in records:
             try:
                 record_rows, bad = decoder.rows(record.value)
@@ -206,21 +241,20 @@ class Sink:
                 continue
             self.stats.malformed_events += bad
             for row in record_rows:
-                event_id = row[EVENT_ID]
-                if event_id in window or event_id in batch_ids:
+                # Into the window now: the row is pending, and stays so until it is stored.
+                if window.add(row[EVENT_ID]):
+                    rows.append((*row, tp.partition, record.offset))
+                else:
                     self.stats.duplicates += 1
-                    continue
-                batch_ids.add(event_id)
-                rows.append((*row, tp.partition, record.offset))
         return rows
 
-    def _insert(self, tp: TopicPartition, rows: list[tuple[Any, ...]]) -> None:
-        layer = schema.layer_of_topic(tp.topic)
+    def _insert(self, topic: str, rows: list[tuple[Any, ...]]) -> None:
+        layer = schema.layer_of_topic(topic)
         table = table_for(layer)
         columns = (*schema.NAMES[layer], "kpartition", "koffset")
         pending = rows
         delay = 0.2
-        while True:
+        while pending:
             try:
                 with self.store_lock:
                     self.store.insert(table, columns, pending)
@@ -232,18 +266,24 @@ class Sink:
                 time.sleep(delay)
                 delay = min(delay * 2, RETRY_MAX_S)
                 # The failed insert may have reached the store after all: never insert twice.
-                first = min(r[-1] for r in pending)
                 try:
-                    with self.store_lock:
-                        stored = self.store.existing_event_ids(table, tp.partition, first)
+                    stored = self._stored_ids(table, pending)
                 except StoreError:
                     continue
                 pending = [r for r in pending if r[EVENT_ID] not in stored]
-                if not pending:
-                    break
-        self.windows[tp].add(r[EVENT_ID] for r in rows)
         self.stats.rows[layer] += len(rows)
         self.stats.last_insert_unix = time.time()
+
+    def _stored_ids(self, table: str, rows: list[tuple[Any, ...]]) -> set[str]:
+        """The ids of ``rows`` already in the store (rows end with partition, offset)."""
+        first: dict[int, int] = {}
+        for *_, partition, offset in rows:
+            first[partition] = min(offset, first.get(partition, offset))
+        stored: set[str] = set()
+        with self.store_lock:
+            for partition, offset in first.items():
+                stored |= self.store.existing_event_ids(table, partition, offset)
+        return stored
 
     def _measure_lag(self) -> None:
         self._lag_at = time.monotonic()
@@ -286,6 +326,10 @@ class Sink:
                 self.stats.last_error = f"{type(exc).__name__}: {exc}"
                 log.warning("Kafka: %s; going on", self.stats.last_error)
                 stop.wait(1.0)
+        try:
+            self.flush()  # what was gathered goes in before the sink leaves the group
+        except KafkaError as exc:  # not committed: the next owner reads it again, deduplicated
+            log.warning("last commit failed: %s", exc)
 
     def close(self) -> None:
         self.consumer.close()

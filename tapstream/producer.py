@@ -4,7 +4,7 @@ when the broker is unreachable.
 The collector turns each batch of Envoy access-log entries into one record per layer
 topic (``schema.topic(layer)``, plus ``greymesh.audit``), keyed by service, and calls
 :meth:`TapProducer.send`.  Kafka settings: ``acks=all``, the idempotent producer (no
-duplicates from kafka-python's own retries, order kept per partition), ``linger_ms=5``,
+duplicates from kafka-python's own retries, order kept per partition), zstd, ``linger_ms=5``,
 1 MiB batches and 2 MiB requests (records are 100-300 KB), ``max_block_ms=500``.
 
 Two modes.
@@ -99,6 +99,9 @@ PRODUCER_DEFAULTS: dict[str, Any] = {
     "acks": "all",
     "enable_idempotence": True,
     "linger_ms": 5,
+    # JSON compresses ~5x: zstd doubles what one producer sends and quadruples what the
+    # sink's kafka-python consumer fetches (measured: docs/benchmarks-taps.md).
+    "compression_type": "zstd",
     "batch_size": 1 << 20,  # several 100-300 KB records per batch, under the broker's 1 MiB message.max.bytes
     "max_request_size": 2 << 20,
     "max_block_ms": 500,  # send() waits at most this for metadata: a down broker cannot stall it

