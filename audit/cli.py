@@ -86,11 +86,15 @@ def _query(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     state = _state(args)
-    first = _api(state, runtime.TAPS_HTTP, "/stats"), _api(state, runtime.SINK_HTTP, "/stats")
+
+    def sample() -> tuple[dict, dict]:
+        return _api(state, runtime.TAPS_HTTP, "/stats"), _api(state, runtime.SINK_HTTP, "/stats")
+
+    first = sample()
     t0 = time.monotonic()
     time.sleep(args.interval)
-    (taps, sink), elapsed = (_api(state, runtime.TAPS_HTTP, "/stats"), _api(state, runtime.SINK_HTTP, "/stats")), \
-        time.monotonic() - t0
+    taps, sink = sample()
+    elapsed = time.monotonic() - t0
     events = sum(taps["collector"]["events"].values())
     rows = sum(sink["rows"].values())
     doc = {

@@ -201,6 +201,9 @@ def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
             raise MeshRuntimeError(f"{exc} (`greymesh doctor` shows what is missing)") from None
         _start(dd, state, "kafka", argv)
         state.save(dd.state)
+    elif "kafka" in state.processes:  # moved to an external cluster: the local broker goes
+        progress("stopping the local Kafka (the taps now use " + bootstrap + ")")
+        _stop(dd, state, "kafka", grace_s=30.0)
     progress(f"waiting for Kafka at {bootstrap}")
     try:
         broker.wait_ready(bootstrap, timeout=READY_TIMEOUT_S)

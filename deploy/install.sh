@@ -166,4 +166,5 @@ fi
 envoy_version=$("$VENV/bin/greymesh" doctor --component envoy --version-only 2>/dev/null || true)
 opa_found=$("$VENV/bin/greymesh" doctor --component opa --version-only 2>/dev/null || true)
 kafka_found=$("$VENV/bin/greymesh" doctor --component kafka --version-only 2>/dev/null || true)
-step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?}, kafka ${kafka_found:-?})"
+ch_found=$("$VENV/bin/greymesh" doctor --component clickhouse --version-only 2>/dev/null || true)
+step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?}, kafka ${kafka_found:-?}, clickhouse server ${ch_found:-?})"

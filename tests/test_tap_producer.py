@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -268,7 +269,7 @@ def test_records_left_in_the_spool_are_delivered_by_the_next_producer(kafka: Bro
         # send()), one over this topic's max.message.bytes (refused by the broker, which
         # fails the record sent right after it too: that one must not be dropped).
         second.send(topic, "svc-1", bytes(3 << 20), events=7)
-        second.send(topic, "svc-1", bytes(300_000), events=5)
+        second.send(topic, "svc-1", os.urandom(300_000), events=5)  # incompressible: records go zstd
         second.send(topic, "svc-1", b"after-big")
         st = _wait_drained(second)
         assert (st.dropped_records, st.dropped_events) == (2, 12), st
