@@ -73,8 +73,9 @@ class Malformed(ValueError):
 class EventDecoder:
     """Turns one layer's records into checked row tuples in the store's column order."""
 
-    def __init__(self, layer: schema.Layer):
+    def __init__(self, layer: schema.Layer, max_record_bytes: int = MAX_RECORD_BYTES):
         self.layer = layer
+        self.max_record_bytes = max_record_bytes
         self.names = schema.NAMES[layer]
         kinds = [kind for _, kind, _ in schema.COLUMNS[layer]]
         # Checked with C-level calls only (this runs for every event): the exact type of
@@ -87,8 +88,8 @@ class EventDecoder:
     def rows(self, value: bytes) -> tuple[list[tuple[Any, ...]], int]:
         """The record's rows, and how many of its events were malformed (skipped).
         Malformed when the record as a whole is not a JSON array."""
-        if len(value) > MAX_RECORD_BYTES:
-            raise Malformed(f"record of {len(value)} bytes, more than {MAX_RECORD_BYTES}")
+        if len(value) > self.max_record_bytes:
+            raise Malformed(f"record of {len(value)} bytes, more than {self.max_record_bytes}")
         try:
             events = json.loads(value)
         except ValueError as exc:
@@ -152,9 +153,10 @@ class Sink:
     """Consumes the tap topics into ``store``; call :meth:`run` (or :meth:`step` in tests)."""
 
     def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP,
-                 layers: Iterable[schema.Layer] = schema.LAYERS, max_poll_records: int = 2_000):
+                 layers: Iterable[schema.Layer] = schema.LAYERS, max_poll_records: int = 2_000,
+                 max_record_bytes: int = MAX_RECORD_BYTES):
         self.store = store
-        self.decoders = {schema.topic(layer): EventDecoder(layer) for layer in layers}
+        self.decoders = {schema.topic(layer): EventDecoder(layer, max_record_bytes) for layer in layers}
         self.windows: dict[TopicPartition, RecentIds] = {}
         self.stats = SinkStats()
         self.store_lock = threading.Lock()  # the store is shared with the query API's threads
@@ -162,7 +164,7 @@ class Sink:
         self.consumer = KafkaConsumer(
             bootstrap_servers=bootstrap, group_id=group, client_id=f"{group}-{id(self):x}",
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=max_poll_records,
-            max_partition_fetch_bytes=MAX_RECORD_BYTES, fetch_max_bytes=64 << 20,
+            max_partition_fetch_bytes=max(max_record_bytes, 1 << 20), fetch_max_bytes=64 << 20,
             # Retrying an insert against a store that is down for minutes must not cost us
             # the group membership: the heartbeat thread keeps it, this bounds the wait.
             max_poll_interval_ms=15 * 60 * 1000,
@@ -221,11 +223,14 @@ class Sink:
         for topic, rows in self._pending.items():
             self._insert(topic, rows)
             inserted += len(rows)
-        if self._offsets:
-            self.consumer.commit({tp: OffsetAndMetadata(o, "", -1) for tp, o in self._offsets.items()})
+        # Stored: the batch is done even if the commit fails (a rebalance took a partition);
+        # its records then come back to the partition's next owner and are deduplicated.
+        offsets = {tp: OffsetAndMetadata(o, "", -1) for tp, o in self._offsets.items()}
         self._pending.clear()
         self._offsets.clear()
         self._pending_rows, self._pending_since = 0, None
+        if offsets:
+            self.consumer.commit(offsets)
         return inserted
 
     def _decode(self, tp: TopicPartition, records: list[Any]) -> list[tuple[Any, ...]]:

@@ -14,7 +14,6 @@ import pytest
 from kafka import KafkaProducer
 
 from audit import kafka as broker
-from audit import sink as sink_module
 from audit.sink import Sink
 from audit.store import Store, StoreError, table_for
 from tapstream import schema
@@ -60,10 +59,7 @@ def consume_until(sink: Sink, done: Any, what: str) -> None:
     wait_for(lambda: sink.step(timeout_ms=500) >= 0 and done(), 60, what, interval=0)
 
 
-def test_bad_records_are_counted_and_skipped_and_resent_events_stored_once(
-    kafka: Broker, store: Store, monkeypatch: pytest.MonkeyPatch
-):
-    monkeypatch.setattr(sink_module, "MAX_RECORD_BYTES", 200_000)  # the broker's own limit is 1 MiB
+def test_bad_records_are_counted_and_skipped_and_resent_events_stored_once(kafka: Broker, store: Store):
     sidecar = f"sink-{uuid.uuid4().hex[:8]}"
     good = [event(sidecar, i) for i in range(300)]
     wrong_type = event(sidecar, 900) | {"status": "200"}
@@ -78,7 +74,8 @@ def test_bad_records_are_counted_and_skipped_and_resent_events_stored_once(
         json.dumps(good[100:300]).encode(),  # the producer re-sent a record: 100 events again
     ]
     produce(kafka, values)
-    sink = Sink(store, kafka.bootstrap, group=f"g-{sidecar}", layers=["l7"])
+    # A record limit below the broker's own (1 MiB), so that the broker lets one through.
+    sink = Sink(store, kafka.bootstrap, group=f"g-{sidecar}", layers=["l7"], max_record_bytes=200_000)
     try:
         consume_until(sink, lambda: sink.stats.records >= len(values), "every record to be consumed")
         sink.flush()
