@@ -18,4 +18,4 @@ test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: install
-	$(PY) tests/benchmarks/run_all.py
+	@for b in tests/benchmarks/bench_*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done

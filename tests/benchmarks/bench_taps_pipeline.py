@@ -20,7 +20,7 @@
 
 CPU seconds per process (tap service, sink, Kafka) say what limits the pipe.
 
-Usage: .venv/bin/python tests/benchmarks/bench_taps_pipeline.py [--rates 10000,25000,50000]
+Usage: .venv/bin/python tests/benchmarks/bench_taps_pipeline.py [--rates 10000,15000,20000,30000,50000]
        [--seconds 15] [--store clickhouse://127.0.0.1:9000/bench]
 """
 
@@ -331,7 +331,7 @@ def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rates", default="10000,25000,50000", help="offered l7 events/s, comma-separated")
+    ap.add_argument("--rates", default="10000,15000,20000,30000,50000", help="offered l7 events/s, comma-separated")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--store", default=None, help="clickhouse://host:port/db (default: embedded chdb)")
     ap.add_argument("--raw-events", type=int, default=200_000)
