@@ -249,7 +249,12 @@ def _one_line_summary(doc: dict) -> str:
     nodes = doc.get("controlplane", {}).get("nodes", {})
     in_sync = sum(1 for n in nodes.values() if n.get("in_sync"))
     outcomes = doc.get("loadgen", {}).get("outcomes", {})
-    return f"{time.strftime('%H:%M:%S')} sidecars in sync {in_sync}/{len(nodes)}; load outcomes {outcomes}"
+    line = f"{time.strftime('%H:%M:%S')} sidecars in sync {in_sync}/{len(nodes)}; load outcomes {outcomes}"
+    sink, collector = doc.get("taps", {}).get("sink", {}), doc.get("taps", {}).get("collector", {})
+    if "rows" in sink and "producer" in collector:
+        line += (f"; taps stored {sum(sink['rows'].values())}, lag {sum(sink['lag'].values())}, "
+                 f"dropped {collector['producer']['dropped_events']}")
+    return line
 
 
 def _render_status(doc: dict) -> str:
