@@ -49,26 +49,28 @@ class Procs:
     def stop(self, name: str) -> None:
         proc = self.running.pop(name)
         proc.terminate()
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        _reap(name, proc)
 
     def stop_all(self) -> None:
-        for name, proc in reversed(list(self.running.items())):
+        """TERM to every child first, so they shut down side by side, then reap each."""
+        for proc in self.running.values():
             if proc.poll() is None:
                 proc.terminate()
         for name, proc in reversed(list(self.running.items())):
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    print(f"warning: {name} (pid {proc.pid}) did not exit after SIGKILL", file=sys.stderr)
+            _reap(name, proc)
         self.running.clear()
+
+
+def _reap(name: str, proc: subprocess.Popen[bytes]) -> None:
+    """Wait for a terminated child; KILL it if it does not exit within 5 s."""
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            print(f"warning: {name} (pid {proc.pid}) did not exit after SIGKILL", file=sys.stderr)
 
 
 def slug(name: str) -> str:
