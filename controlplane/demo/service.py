@@ -1,9 +1,16 @@
 """A demo microservice: answers HTTP, calls its dependencies through its sidecar.
 
-A request to ``/anything`` is answered with who served it (service, instance, subset)
-and, nested, the answers of every service it calls, so a single response shows the
-whole path it took through the mesh.  Dependencies are called through the sidecar's
-outbound listener with the callee's name as Host, exactly as a meshed app would.
+A request to ``/`` or ``/anything[/...]`` is answered with who served it (service,
+instance, subset) and, nested, the answers of every service it calls, so a single
+response shows the whole path it took through the mesh; any other path is a 404, as a
+real API's would be.  Dependencies are called through the sidecar's outbound listener
+with the callee's name as Host, exactly as a meshed app would.
+
+Knobs make a service misbehave on purpose, for the anomaly detector's fault scenarios
+(ml/scenarios.py): ``<data dir>/knobs/<service>.json`` holds any of ``latency_ms``
+(added before answering), ``error_ratio`` (share of requests answered 503) and
+``response_bytes`` (padding added to each answer).  Every instance of the service
+re-reads the file at most once a second, so a change applies without a restart.
 """
 
 from __future__ import annotations
@@ -11,9 +18,13 @@ from __future__ import annotations
 import http.client
 import json
 import logging
+import os
+import random
 import threading
+import time
 from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
+from pathlib import Path
 
 from controlplane import jsonhttp
 
@@ -21,6 +32,56 @@ log = logging.getLogger("greymesh.demo")
 
 # Headers a service forwards to its callees so one request keeps one identity end to end.
 PROPAGATED = ("x-request-id", "traceparent")
+API_PATHS = ("/", "/anything")  # and anything below /anything/
+
+
+def knobs_path(data_dir: Path, service: str) -> Path:
+    """Where a service's knobs live (written by the fault scenarios, read by every instance)."""
+    return data_dir / "knobs" / f"{service}.json"
+
+
+@dataclass(frozen=True)
+class Knobs:
+    latency_ms: float = 0.0
+    error_ratio: float = 0.0
+    response_bytes: int = 0
+
+
+class _KnobFile:
+    """A knobs file, re-read when its mtime changes, looked at most once a second.
+
+    A file that is absent means no knobs; one that does not parse keeps the knobs in
+    force and is logged once, so a half-written edit never takes a service down."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.knobs = Knobs()
+        self._checked = 0.0
+        self._mtime: float | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> Knobs:
+        now = time.monotonic()
+        if self.path is None or now - self._checked < 1.0:
+            return self.knobs
+        with self._lock:
+            self._checked = now
+            try:
+                mtime = os.stat(self.path).st_mtime
+            except FileNotFoundError:
+                self.knobs, self._mtime = Knobs(), None
+                return self.knobs
+            if mtime != self._mtime:
+                self._mtime = mtime
+                try:
+                    doc = json.loads(self.path.read_text(encoding="utf-8"))
+                    self.knobs = Knobs(latency_ms=float(doc.get("latency_ms", 0)),
+                                       error_ratio=float(doc.get("error_ratio", 0)),
+                                       response_bytes=int(doc.get("response_bytes", 0)))
+                    log.info("knobs from %s: %s", self.path, self.knobs)
+                except (OSError, ValueError, TypeError, AttributeError) as exc:
+                    log.warning("%s: not valid knobs (%s); keeping %s", self.path, exc, self.knobs)
+            return self.knobs
 
 
 @dataclass(frozen=True)
@@ -32,6 +93,7 @@ class ServiceConfig:
     egress_port: int  # the sidecar's outbound listener on loopback
     calls: tuple[str, ...]
     call_timeout_s: float = 5.0
+    knobs: Path | None = None  # see knobs_path()
 
 
 class _Egress(threading.local):
@@ -60,11 +122,22 @@ class _Egress(threading.local):
 
 def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
     egress = _Egress(cfg.egress_port, cfg.call_timeout_s)
+    knob_file = _KnobFile(cfg.knobs)
 
     class Handler(jsonhttp.JsonHandler):
         log = log
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+            path = self.path.split("?", 1)[0]
+            if path not in API_PATHS and not path.startswith("/anything/"):
+                self.send_json(404, {"service": cfg.service, "error": f"no such path: {path}"})
+                return
+            knobs = knob_file.get()
+            if knobs.latency_ms > 0:
+                time.sleep(knobs.latency_ms / 1000)
+            if knobs.error_ratio > 0 and random.random() < knobs.error_ratio:
+                self.send_json(503, {"service": cfg.service, "error": "injected by knobs"})
+                return
             forwarded = {h: v for h in PROPAGATED if (v := self.headers.get(h))}
             calls, ok = [], True
             for callee in cfg.calls:
@@ -84,6 +157,7 @@ def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
                     "path": self.path,
                     "request_id": self.headers.get("x-request-id"),
                     "calls": calls,
+                    **({"padding": "x" * knobs.response_bytes} if knobs.response_bytes > 0 else {}),
                 },
             )
 
