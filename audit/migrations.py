@@ -9,7 +9,8 @@ simply run again.  A new table or view is a new migration at the end; an applied
 migration is never edited, since stores that already recorded it would not see the edit.
 
 Tables (migration 1), built from :data:`tapstream.schema.COLUMNS`, one per layer:
-``tap_l3``, ``tap_l4``, ``tap_l7``, ``tap_audit``.  Besides the event's own columns each
+``tap_l3``, ``tap_l4``, ``tap_l7``, ``tap_audit``; and (migration 3) ``anomalies``, the
+ml stage's anomaly events.  Besides the event's own columns each
 has ``ts`` (DateTime, the event's second, derived from ``time_us``), and ``kpartition``
 and ``koffset``: the Kafka partition and offset the row came from, which the sink uses
 to find what it already stored when it replays after a crash.
@@ -50,14 +51,14 @@ from dataclasses import dataclass
 
 from tapstream.schema import COLUMNS, LAYERS, RESET_FLAGS, Layer
 
-TABLES: dict[Layer, str] = {layer: f"tap_{layer}" for layer in LAYERS}
+TABLES: dict[Layer, str] = {layer: f"tap_{layer}" for layer in LAYERS} | {"anomaly": "anomalies"}
 LEDGER = "schema_migrations"
 WINDOW_SECONDS = 10
 QUANTILES = (0.5, 0.95, 0.99)
 
 
 def table_for(layer: Layer) -> str:
-    """The store table of a layer's events: tap_l3, tap_l4, tap_l7 or tap_audit."""
+    """The store table of a layer's events: tap_l3, tap_l4, tap_l7, tap_audit or anomalies."""
     return TABLES[layer]
 
 
@@ -92,7 +93,7 @@ def _tap_table(db: str, layer: Layer) -> str:
 
 
 def _tap_tables(db: str) -> list[str]:
-    return [_tap_table(db, layer) for layer in LAYERS]
+    return [_tap_table(db, layer) for layer in ("l3", "l4", "l7", "audit")]  # as first released
 
 
 _LEVELS = ", ".join(map(str, QUANTILES))
@@ -147,4 +148,5 @@ def _rollup(db: str) -> list[str]:
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tap tables", _tap_tables),
     Migration(2, "service_windows roll-up", _rollup),
+    Migration(3, "anomalies", lambda db: [_tap_table(db, "anomaly")]),
 )

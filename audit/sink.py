@@ -80,7 +80,8 @@ class EventDecoder:
         kinds = [kind for _, kind, _ in schema.COLUMNS[layer]]
         # Checked with C-level calls only (this runs for every event): the exact type of
         # every column at once, then the integer columns against their bounds.
-        self._types = tuple(int if kind in _INT_RANGE else str for kind in kinds)
+        self._types = tuple(int if kind in _INT_RANGE else float if kind == "Float64" else str for kind in kinds)
+        self._floats = "Float64" in kinds
         ints = [i for i, kind in enumerate(kinds) if kind in _INT_RANGE]
         self._int_values = operator.itemgetter(*ints)
         self._int_bounds = tuple(_INT_RANGE[kinds[i]] for i in ints)
@@ -105,6 +106,9 @@ class EventDecoder:
             except (KeyError, TypeError):
                 bad += 1
                 continue
+            if tuple(map(type, row)) != types and self._floats:
+                # A Float64 value written as a whole number (2, not 2.0) is still a number.
+                row = tuple(float(v) if t is float and type(v) is int else v for v, t in zip(row, types))
             if tuple(map(type, row)) == types:
                 values = int_values(row)
                 if min(values) >= 0 and all(map(lt, values, bounds)):

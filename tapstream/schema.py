@@ -12,6 +12,12 @@ one per *layer*:
     audit  one per authorization decision, from OPA's decision logs
            (tapstream.decisionlog.AuditRecord; its ``decision_id`` is the event id)
 
+and one more that the ml stage emits from the store's roll-ups, so that it reaches the
+store the same way (Kafka -> sink) and is tailed the same way (``greymesh taps tail``):
+
+    anomaly  one when an anomaly opens and one when it resolves (ml/scorer.py), on
+             ``greymesh.anomalies``
+
 An event is a JSON object whose keys are exactly the names in :data:`COLUMNS` for its
 layer, plus the common ones; the same names and types are the store's columns
 (audit/migrations.py builds its tables from :data:`COLUMNS`), so the schema is defined
@@ -37,10 +43,11 @@ from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
 VERSION = 1
-Layer = Literal["l3", "l4", "l7", "audit"]
-LAYERS: tuple[Layer, ...] = ("l3", "l4", "l7", "audit")
+Layer = Literal["l3", "l4", "l7", "audit", "anomaly"]
+LAYERS: tuple[Layer, ...] = ("l3", "l4", "l7", "audit", "anomaly")
 TOPIC_PREFIX = "greymesh.tap."
 AUDIT_TOPIC = "greymesh.audit"
+ANOMALY_TOPIC = "greymesh.anomalies"
 # The listener names the controlplane gives each sidecar; a log's name is its listener's.
 DIRECTIONS = ("inbound", "outbound", "ingress")
 
@@ -110,6 +117,23 @@ COLUMNS: dict[Layer, tuple[Column, ...]] = {
         ("reason", "String", "the policy's reason"),
         ("policy_hash", "String", "sha256 of the policy that decided"),
     ),
+    "anomaly": (
+        ("v", "UInt8", "schema version"),
+        ("event_id", "String", "anomaly id + state; the deduplication key"),
+        ("time_us", "UInt64", "start of the window that opened or resolved it, microseconds since the epoch"),
+        ("service", "String", "the service whose telemetry is anomalous"),
+        ("anomaly_id", "String", "the same on an anomaly's open and resolved events"),
+        ("state", "String", "open (raised) or resolved"),
+        ("window", "UInt32", "that window's start, Unix seconds"),
+        ("score", "Float64", "the detector's score of that window (higher is more anomalous)"),
+        ("threshold", "Float64", "the service's fitted threshold"),
+        ("peak_score", "Float64", "the highest score since it opened"),
+        ("windows", "UInt32", "windows since it opened, that one included"),
+        ("explanation", "String", "what a person reads: the features that make up the score"),
+        ("causes", "String", "the same as JSON: [{feature, share, value, normal}]"),
+        ("detector", "String", "gru_ae, iforest or pca"),
+        ("model_version", "String", "the registry version that scored it"),
+    ),
 }
 NAMES: dict[Layer, tuple[str, ...]] = {layer: tuple(c[0] for c in cols) for layer, cols in COLUMNS.items()}
 
@@ -143,7 +167,7 @@ _TLS_VERSIONS = {1: "TLSv1", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}
 
 def topic(layer: Layer) -> str:
     """The Kafka topic of a layer's events."""
-    return AUDIT_TOPIC if layer == "audit" else TOPIC_PREFIX + layer
+    return {"audit": AUDIT_TOPIC, "anomaly": ANOMALY_TOPIC}.get(layer, TOPIC_PREFIX + layer)
 
 
 def layer_of_topic(name: str) -> Layer:

@@ -137,3 +137,31 @@ def test_a_sink_crash_or_a_failed_insert_that_did_land_stores_nothing_twice(kafk
         sink.close()
     assert [r[0] for r in stored(store, sidecar)] == sorted(e["event_id"] for e in events)
     assert sink.stats.duplicates > 0  # it did see the replayed events, and dropped them
+
+
+def test_anomaly_events_are_stored_with_their_scores(kafka: Broker, store: Store):
+    """The ml stage's events take the same path; Float64 columns take whole numbers too."""
+    run = uuid.uuid4().hex[:8]
+
+    def anomaly(i: int, **fields: Any) -> dict[str, Any]:
+        doc: dict[str, Any] = {name: (0 if kind.startswith("UInt") else 0.5 if kind == "Float64" else "")
+                               for name, kind, _ in schema.COLUMNS["anomaly"]}
+        return doc | {"v": 1, "event_id": f"{run}-{i}", "time_us": 1_795_000_000_000_000 + i * 10**7,
+                      "service": f"svc-{run}", "state": "open", "score": 7.25, "threshold": 1.5} | fields
+
+    events = [anomaly(0), anomaly(1, score=2, peak_score=3), anomaly(2, score="high")]
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    producer.send(schema.ANOMALY_TOPIC, key=b"svc", value=json.dumps(events).encode())
+    producer.flush(30)
+    producer.close()
+    sink = Sink(store, kafka.bootstrap, group=f"g-{run}", layers=["anomaly"])
+    try:
+        consume_until(sink, lambda: sink.stats.records >= 1, "the anomaly record to be consumed")
+        sink.flush()
+    finally:
+        sink.close()
+    rows = store.query(f"SELECT event_id, score, threshold, peak_score FROM {table_for('anomaly')} "
+                       "WHERE service = %(s)s ORDER BY event_id", {"s": f"svc-{run}"})
+    assert rows == [(f"{run}-0", 7.25, 1.5, 0.5), (f"{run}-1", 2.0, 1.5, 3.0)]
+    assert table_for("anomaly") == "anomalies"
+    assert sink.stats.malformed_events == 1  # the score that is not a number

@@ -33,6 +33,8 @@ def event(layer: Layer, i: int, **fields: Any) -> dict[str, Any]:
         if type.startswith("UInt"):
             top = 2 ** int(type[4:]) - 1
             ev[name] = top if i % 5 == 1 else (i * 7919 + len(name)) % top
+        elif type == "Float64":
+            ev[name] = (-1.5e300, 0.1 + 0.2, float(i) / 3)[i % 3]
         else:
             ev[name] = f"{name}-{i}-{TRICKY[i % len(TRICKY)]}"
     ev.update(v=1, event_id=f"{layer}-{i:06d}", time_us=(T0_S + i) * 1_000_000 + i)
@@ -47,10 +49,10 @@ def insert_events(store: Store, layer: Layer, events: list[dict[str, Any]], part
 
 
 def test_migrations_apply_once_and_are_idempotent(empty_store: Store) -> None:
-    assert empty_store.migrate() == [m.version for m in migrations.MIGRATIONS] == [1, 2]
+    assert empty_store.migrate() == [m.version for m in migrations.MIGRATIONS] == [1, 2, 3]
     assert empty_store.migrate() == []
     assert empty_store.query("SELECT version, name FROM schema_migrations ORDER BY version") == [
-        (1, "tap tables"), (2, "service_windows roll-up")]
+        (1, "tap tables"), (2, "service_windows roll-up"), (3, "anomalies")]
     tables = {name for (name,) in empty_store.query(
         "SELECT name FROM system.tables WHERE database = %(db)s", {"db": empty_store.database})}
     assert tables >= {*map(table_for, LAYERS), "service_windows", "service_windows_state", "service_windows_mv"}
@@ -68,7 +70,7 @@ def test_a_migration_interrupted_by_a_crash_is_applied_again(empty_store: Store)
     empty_store._create_database()
     for sql in migrations.MIGRATIONS[0].statements(empty_store.database)[:2]:
         empty_store.query(sql)
-    assert empty_store.migrate() == [1, 2]
+    assert empty_store.migrate() == [1, 2, 3]
     assert empty_store.query("SELECT count() FROM tap_l7") == [(0,)]
 
 
@@ -104,7 +106,7 @@ def test_an_insert_with_one_bad_row_writes_nothing(store: Store) -> None:
 
 def test_an_embedded_store_keeps_its_tables_and_rows_when_reopened(tmp_path: Path) -> None:
     with ChdbStore(tmp_path / "store") as st:
-        assert st.migrate() == [1, 2]
+        assert st.migrate() == [1, 2, 3]
         insert_events(st, "audit", [event("audit", i) for i in range(3)], partition=1, first_offset=7)
     with open_store(f"chdb://{tmp_path / 'store'}", data_dir=tmp_path / "unused") as st:
         assert st.migrate() == []
