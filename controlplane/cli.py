@@ -1,10 +1,11 @@
 """The `greymesh` command.
 
 User commands: up, down, status, apply, policy (test, push, diff, eval), ca rotate,
-taps (tail, query, stats), doctor.  The run-* commands are what `up` starts as separate
+taps (tail, query, stats), ml (train, score, anomalies, models, rollback, eval, record),
+doctor.  The run-* commands are what `up` starts as separate
 processes (control plane, demo services, load generator); they are listed under
-"internal" in --help.  The tap service and the sink run as `python -m tapstream.service`
-and `python -m audit.sink`.
+"internal" in --help.  The tap service, the sink and the anomaly scorer run as
+`python -m tapstream.service`, `python -m audit.sink` and `python -m ml.scorer`.
 Exit codes: 0 done, 1 failed at run time, 2 refused input (the message says why).
 """
 
@@ -87,8 +88,10 @@ def _parser() -> argparse.ArgumentParser:
     policy.register_cli(sub, data_dir)
 
     from audit import cli as taps_cli
+    from ml import cli as ml_cli
 
     taps_cli.register_cli(sub, data_dir)
+    ml_cli.register_cli(sub, data_dir)
 
     sp = cmd("doctor", _doctor, "list the external components greymesh uses and how to install missing ones")
     sp.add_argument("--json", action="store_true")
@@ -218,7 +221,8 @@ def _run_service(args: argparse.Namespace) -> int:
 
     _logging()
     calls = tuple(c for c in args.calls.split(",") if c)
-    service.serve(service.ServiceConfig(args.service, args.instance, args.subset, args.port, args.egress_port, calls))
+    service.serve(service.ServiceConfig(args.service, args.instance, args.subset, args.port, args.egress_port, calls,
+                                        knobs=service.knobs_path(args.data_dir, args.service)))
     return 0
 
 
@@ -254,6 +258,9 @@ def _one_line_summary(doc: dict) -> str:
     if "rows" in sink and "producer" in collector:
         line += (f"; taps stored {sum(sink['rows'].values())}, lag {sum(sink['lag'].values())}, "
                  f"dropped {collector['producer']['dropped_events']}")
+    ml = doc.get("ml", {})
+    if ml.get("model_version"):
+        line += f"; ml {ml['model_version']}: {ml['windows_scored']} windows scored, open {ml['open_now'] or 'none'}"
     return line
 
 
@@ -290,7 +297,21 @@ def _render_status(doc: dict) -> str:
         lines.append(f"load: {doc['loadgen']['rps']} rps to {doc['loadgen']['url']}: outcomes {doc['loadgen']['outcomes']}")
     if "taps" in doc:
         lines += ["", *_render_taps(doc["taps"])]
+    if "ml" in doc:
+        lines += ["", _render_ml(doc["ml"])]
     return "\n".join(lines)
+
+
+def _render_ml(ml: dict) -> str:
+    if not ml.get("model_version"):
+        return "anomaly detection: no model yet; train one with `greymesh ml train` after ~20 minutes of traffic" + (
+            f"\n    refused model: {ml['model_error']}" if ml.get("model_error") else "")
+    text = (f"anomaly detection: model {ml['model_version']}, {ml['windows_scored']} windows scored, "
+            f"{ml['anomalies_opened']} anomalies raised, open now: {', '.join(ml['open_now']) or 'none'}")
+    for key in ("model_error", "source_error"):
+        if ml.get(key):
+            text += f"\n    {key.replace('_', ' ')}: {ml[key]}"
+    return text
 
 
 def _render_taps(taps: dict) -> list[str]:

@@ -72,6 +72,15 @@ class DataDir:
     def loadgen_tally(self) -> Path:
         return self.root / "loadgen.json"
 
+    @property
+    def models(self) -> Path:
+        """The anomaly detector's model registry (ml/registry.py)."""
+        return self.root / "models"
+
+    @property
+    def scorer_stats(self) -> Path:
+        return self.root / "scorer.json"
+
     def bootstrap(self, node_id: str) -> Path:
         return self.root / "envoy" / f"{node_id}.json"
 
@@ -224,6 +233,12 @@ def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
     _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[TAPS_HTTP]}/stats"), "the tap collector", dd.log("taps"), progress)
     _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[SINK_HTTP]}/stats"),
           f"the tap store sink ({state.store or 'embedded chdb'}, migrations)", dd.log("sink"), progress)
+    # The anomaly scorer idles until `greymesh ml train` has stored a model.
+    _start(dd, state, "scorer", [
+        sys.executable, "-m", "ml.scorer", "--sink-url", f"http://{HOST}:{state.ports[SINK_HTTP]}",
+        "--kafka", bootstrap, "--registry", str(dd.models), "--stats", str(dd.scorer_stats),
+    ])
+    state.save(dd.state)
 
 
 def _start_policy_engine(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
@@ -438,7 +453,7 @@ def down(dd: DataDir, progress: Progress = print) -> int:
         state = RuntimeState.load(dd.state)
         # Traffic first, control plane last, so sidecars never lose config mid-request.
         # The tap service flushes to Kafka and the sink commits before the broker stops.
-        stages = ("loadgen", "app", "envoy", "controlplane", "authz", "opa", "taps", "sink", "kafka")
+        stages = ("loadgen", "app", "envoy", "controlplane", "authz", "opa", "scorer", "taps", "sink", "kafka")
         order = sorted(state.processes, key=lambda n: stages.index(n.split(":")[0]) if n.split(":")[0] in stages else 0)
         for name in order:
             progress(f"stopping {name}")
@@ -500,6 +515,8 @@ def status(dd: DataDir) -> dict:
         doc["taps"] = {"kafka": state.kafka_bootstrap(), "store": state.store or "chdb (embedded)",
                        "collector": _get_json(f"http://{HOST}:{state.ports[TAPS_HTTP]}/stats"),
                        "sink": _get_json(f"http://{HOST}:{state.ports[SINK_HTTP]}/stats")}
+    with contextlib.suppress(OSError, ValueError):
+        doc["ml"] = json.loads(dd.scorer_stats.read_text())
     return doc
 
 

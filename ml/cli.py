@@ -1,0 +1,245 @@
+"""`greymesh ml train|score|anomalies|models|rollback|eval|record`: the anomaly detector.
+
+``train`` reads the running mesh's roll-ups (through the sink's ``/query``) and stores a
+new model version; ``score`` runs the scorer in the foreground (``greymesh up`` already
+runs one); ``anomalies`` lists what the scorer raised; ``models`` and ``rollback`` manage
+the registry; ``eval`` prints the evaluation table for a scenario recording or a pair of
+labeled CSV files; ``record`` runs the fault scenarios on a mesh of its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from controlplane import runtime
+from ml import eval as ml_eval
+from ml.detectors import DEFAULT_DETECTOR, DETECTORS
+from ml.features import series_by_service
+from ml.model import train
+from ml.registry import ModelError, Registry
+from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError
+
+
+def registry_of(data_dir: Path) -> Registry:
+    return Registry(runtime.DataDir(data_dir).models)
+
+
+def _sink(data_dir: Path) -> SinkWindows:
+    state = runtime.RuntimeState.load(runtime.DataDir(data_dir).state)
+    if runtime.SINK_HTTP not in state.ports:
+        raise runtime.MeshRuntimeError(f"no mesh with taps has been started in {data_dir}: run `greymesh up` first")
+    return SinkWindows(f"http://{runtime.HOST}:{state.ports[runtime.SINK_HTTP]}")
+
+
+def _when(text: str) -> int:
+    """A time as Unix seconds: an ISO date-time (UTC unless it says), or an age: 2h, 30m, 1d, 0s."""
+    text = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if text[-1:] in units:
+        try:
+            return int(time.time() - float(text.lstrip("-")[:-1]) * units[text[-1]])
+        except ValueError:
+            pass
+    try:
+        parsed = dt.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give an ISO time (2026-11-29T10:00) or an age (2h, 30m, 1d)") \
+            from None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return int(parsed.timestamp())
+
+
+def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) -> None:
+    ml = sub.add_parser("ml", help="anomaly detection: train, score, list anomalies, evaluate",
+                        description="The anomaly detector (see docs/ARCHITECTURE.md, 'Anomaly detection').")
+    msub = ml.add_subparsers(required=True, metavar="ACTION")
+
+    sp = msub.add_parser("train", help="train per-service models from the store's roll-ups; becomes current")
+    sp.add_argument("--since", type=_when, default="24h", help="start of the training range: an ISO time or an age (default: 24h ago)")
+    sp.add_argument("--until", type=_when, default="0s", help="end of the training range (default: now)")
+    sp.add_argument("--detector", choices=list(DETECTORS), default=DEFAULT_DETECTOR)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.set_defaults(func=_train)
+    data_dir(sp)
+
+    sp = msub.add_parser("score", help="score new windows as they land (what `greymesh up` runs); Ctrl-C stops")
+    sp.set_defaults(func=_score)
+    data_dir(sp)
+
+    sp = msub.add_parser("anomalies", help="list anomalies, newest first")
+    sp.add_argument("--since", type=_when, default="24h", help="an ISO time or an age (default: 24h ago)")
+    sp.add_argument("--service")
+    sp.add_argument("--json", action="store_true")
+    sp.set_defaults(func=_anomalies)
+    data_dir(sp)
+
+    sp = msub.add_parser("models", help="list model versions; the current one is marked *")
+    sp.add_argument("--use", metavar="VERSION", help="make this version current")
+    sp.set_defaults(func=_models)
+    data_dir(sp)
+
+    sp = msub.add_parser("rollback", help="make the version before the current one current")
+    sp.set_defaults(func=_rollback)
+    data_dir(sp)
+
+    sp = msub.add_parser("eval", help="precision/recall/F1, event recall, false alarms/h, delay per detector")
+    src = sp.add_mutually_exclusive_group(required=True)
+    src.add_argument("--recording", type=Path, help="a scenario recording (greymesh ml record)")
+    src.add_argument("--train", type=Path, help="a CSV of normal data (with --test)")
+    sp.add_argument("--test", type=Path, help="a CSV with the same columns and a 0/1 label column")
+    sp.add_argument("--label-column", default="label")
+    sp.add_argument("--seconds-per-row", type=float, default=WINDOW_SECONDS,
+                    help="a CSV row's time span, for false alarms per hour (default: %(default)s)")
+    sp.add_argument("--detectors", default=",".join(DETECTORS), help="comma-separated (default: all)")
+    sp.set_defaults(func=_eval)
+
+    sp = msub.add_parser("record", help="run the fault scenarios on a mesh of its own and record labeled windows")
+    sp.add_argument("--out", type=Path, required=True, help="folder for the recording (recording.csv)")
+    sp.add_argument("--train-minutes", type=float, default=20)
+    sp.add_argument("--holdout-minutes", type=float, default=60)
+    sp.add_argument("--fault-minutes", type=float, default=2)
+    sp.add_argument("--recovery-minutes", type=float, default=1.5)
+    sp.add_argument("--rps", type=float, default=10.0)
+    sp.set_defaults(func=_record)
+
+
+def _train(args: argparse.Namespace) -> int:
+    if args.until <= args.since:
+        raise runtime.MeshRuntimeError(f"--until ({args.until}) must be after --since ({args.since})")
+    since = args.since // WINDOW_SECONDS * WINDOW_SECONDS
+    until = args.until // WINDOW_SECONDS * WINDOW_SECONDS
+    print(f"reading windows {_iso(since)} .. {_iso(until)} from the store", flush=True)
+    try:
+        rows = _sink(args.data_dir).fetch(since, until)
+    except WindowSourceError as exc:
+        raise runtime.MeshRuntimeError(str(exc)) from None
+    series = series_by_service(rows, until=until)
+    if not series:
+        raise runtime.MeshRuntimeError(f"no windows between {_iso(since)} and {_iso(until)}: let the mesh serve "
+                                       "traffic for a while (20 minutes or more), or widen --since")
+    print(f"training {args.detector} for {len(series)} services ({len(rows)} windows)", flush=True)
+    model = train(series, args.detector, {"seed": args.seed}, since=since, until=until,
+                  progress=lambda m: print(m, flush=True))
+    if not model.services:
+        raise runtime.MeshRuntimeError("no service had enough traffic to train on: " + "; ".join(
+            f"{k}: {v}" for k, v in model.skipped.items()))
+    version = registry_of(args.data_dir).save(model)
+    print(f"saved model {version} ({len(model.services)} services) and made it current; the scorer picks it up")
+    return 0
+
+
+def _score(args: argparse.Namespace) -> int:
+    from ml import scorer
+
+    state = runtime.RuntimeState.load(runtime.DataDir(args.data_dir).state)
+    worker = scorer.Scorer(_sink(args.data_dir), registry_of(args.data_dir),
+                           scorer.kafka_emitter(state.kafka_bootstrap()))
+    stop = threading.Event()
+    print("scoring each new window (Ctrl-C stops)", flush=True)
+    try:
+        scorer.run(worker, None, stop)
+    except KeyboardInterrupt:
+        stop.set()
+    return 0
+
+
+def _anomalies(args: argparse.Namespace) -> int:
+    where = f"window >= {int(args.since)}"
+    if args.service:
+        where += " AND service = '" + args.service.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    try:
+        columns, rows = _sink(args.data_dir).query(
+            "SELECT service, anomaly_id, state, window, score, threshold, peak_score, windows, explanation, "
+            f"model_version FROM anomalies WHERE {where} ORDER BY window DESC, state LIMIT 1000")
+    except WindowSourceError as exc:
+        raise runtime.MeshRuntimeError(str(exc)) from None
+    if args.json:
+        for r in rows:
+            print(json.dumps(dict(zip(columns, r))))
+        return 0
+    if not rows:
+        print(f"no anomalies since {_iso(args.since)}")
+        return 0
+    for service, anomaly_id, state, window, score, threshold, _, windows, text, version in rows:
+        print(f"{_iso(window)}  {state:<8} {service:<12} {score / threshold:5.1f}x threshold  {text}  "
+              f"[{anomaly_id[:8]}, model {version}]")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    reg = registry_of(args.data_dir)
+    try:
+        if args.use:
+            reg.use(args.use)
+            print(f"{args.use} is now current")
+    except ModelError as exc:
+        raise runtime.MeshRuntimeError(str(exc)) from None
+    current = reg.current()
+    versions = reg.versions()
+    if not versions:
+        print(f"no models in {reg.root}: train one with `greymesh ml train`")
+    for v in versions:
+        try:
+            m = reg.manifest(v)
+            about = (f"{m['detector']:<8} {len(m['services'])} services, trained on {_iso(m['since'])} .. "
+                     f"{_iso(m['until'])}, created {_iso(int(m['created']))}")
+        except ModelError as exc:
+            about = f"unreadable: {exc}"
+        print(f"{'*' if v == current else ' '} {v}  {about}")
+    return 0
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    try:
+        version = registry_of(args.data_dir).rollback()
+    except ModelError as exc:
+        raise runtime.MeshRuntimeError(str(exc)) from None
+    print(f"{version} is now current; the scorer picks it up within seconds")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    try:
+        chosen = ml_eval.detectors(args.detectors)
+        if args.recording:
+            data = ml_eval.load_recording(args.recording)
+        else:
+            if args.test is None:
+                raise ml_eval.EvalInputError("--train needs --test: the labeled CSV to evaluate on")
+            data = [ml_eval.load_csv_pair(args.train, args.test, args.label_column)]
+    except ml_eval.EvalInputError as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 2
+    results = {}
+    for name in chosen:
+        started = time.monotonic()
+        print(f"{name}: fitting and scoring {len(data)} series", flush=True)
+        results[name] = ml_eval.evaluate(name, data, seconds_per_row=args.seconds_per_row,
+                                         progress=lambda m: print(m, flush=True))
+        print(f"{name}: done in {time.monotonic() - started:.1f} s", flush=True)
+    print()
+    print(ml_eval.table(results, args.seconds_per_row))
+    return 0
+
+
+def _record(args: argparse.Namespace) -> int:
+    from ml import scenarios
+
+    out = scenarios.record(args.out, train_s=args.train_minutes * 60, holdout_s=args.holdout_minutes * 60,
+                           fault_s=args.fault_minutes * 60, recovery_s=args.recovery_minutes * 60,
+                           base_rps=args.rps, progress=lambda m: print(m, flush=True))
+    print(f"recording: {out}")
+    return 0
+
+
+def _iso(ts: float) -> str:
+    return dt.datetime.fromtimestamp(int(ts), dt.UTC).strftime("%Y-%m-%d %H:%M:%S")

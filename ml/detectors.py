@@ -1,0 +1,302 @@
+"""Anomaly detectors over one service's normalised feature windows, in scikit-learn's style.
+
+Every detector has the same interface, so the scorer, the registry and the evaluation
+treat them alike:
+
+    fit(X)              learn normal from X: (n_windows, n_features), oldest first, already
+                        normalised (ml.features.Normaliser).  The last ``validation_fraction``
+                        of the rows is held back and fixes ``threshold_``.
+    score_samples(X)    one score per row, **higher is more anomalous** (the opposite of
+                        scikit-learn's IsolationForest.score_samples, so that thresholds and
+                        scores read the same way for every detector)
+    contributions(X)    (n, n_features), each row non-negative and summing to 1: how much
+                        each feature makes up of that row's score, for explanations
+    predict(X)          1 where score_samples(X) > threshold_, else 0
+
+Rows are consecutive 10 s windows; the recurrent autoencoder reads each row together
+with the ``seq_len - 1`` rows before it (the first rows are padded with copies of the
+first), so its row ``t`` depends only on rows up to ``t`` and can be scored as it lands.
+
+The threshold is the ``threshold_quantile`` quantile of the validation scores, pushed
+out by ``threshold_margin`` times its distance from their median: the validation
+windows are normal traffic the model did not learn from, so the quantile is an honest
+estimate of how high normal scores go, and the margin keeps a window that is only
+slightly unusual from raising an alarm.  Measured from the median, the margin means the
+same for scores that start at 0 (reconstruction errors) and for bounded ones
+(IsolationForest's, around 0.5 for normal windows).
+
+Detectors are seeded and deterministic; the autoencoder trains on the CPU unless a GPU
+is present (``device``) and always scores from weights kept on the CPU.
+"""
+
+from __future__ import annotations
+
+import io
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Self
+
+import numpy as np
+
+CLIP = 20.0  # normalised inputs are clipped here: a 1000-sigma value is no more anomalous than a 20-sigma one
+
+
+class Detector(ABC):
+    """The shared part: validation split, threshold, predict and (de)serialisation."""
+
+    name: ClassVar[str]
+    threshold_: float
+    validation_: dict[str, float]
+
+    def __init__(self, *, seed: int = 0, validation_fraction: float = 0.25, threshold_quantile: float = 0.995,
+                 threshold_margin: float = 1.25):
+        self.seed = seed
+        self.validation_fraction = validation_fraction
+        self.threshold_quantile = threshold_quantile
+        self.threshold_margin = threshold_margin
+
+    def fit(self, X: np.ndarray) -> Self:
+        X = self._check(X)
+        n_val = max(1, int(len(X) * self.validation_fraction))
+        if len(X) - n_val < self.min_rows:
+            raise ValueError(f"{self.name}: need at least {self.min_rows + n_val} windows of normal traffic to fit "
+                             f"and validate, got {len(X)}; train on a longer range")
+        self._fit(X[:-n_val])
+        # Validation rows are scored in context: the sequence model sees the training rows before them.
+        val = self._score(X)[-n_val:]
+        quantile, median = float(np.quantile(val, self.threshold_quantile)), float(np.median(val))
+        self.threshold_ = quantile + (self.threshold_margin - 1) * (quantile - median)
+        self.validation_ = {"windows": float(n_val), "score_median": float(np.median(val)),
+                            "score_max": float(val.max()), "threshold": self.threshold_}
+        return self
+
+    def score_samples(self, X: np.ndarray) -> np.ndarray:
+        return self._score(self._check(X))
+
+    def contributions(self, X: np.ndarray) -> np.ndarray:
+        parts = self._parts(self._check(X))
+        total = parts.sum(axis=1, keepdims=True)
+        return np.divide(parts, total, out=np.full_like(parts, 1.0 / parts.shape[1]), where=total > 0)
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return (self.score_samples(X) > self.threshold_).astype(np.int8)
+
+    @staticmethod
+    def _check(X: np.ndarray) -> np.ndarray:
+        X = np.asarray(X, dtype=np.float64)
+        if X.ndim != 2 or not np.isfinite(X).all():
+            raise ValueError(f"expected a finite 2-d array (windows x features), got shape {X.shape}")
+        return np.clip(X, -CLIP, CLIP)
+
+    min_rows: ClassVar[int] = 8
+
+    @abstractmethod
+    def _fit(self, X: np.ndarray) -> None: ...
+
+    @abstractmethod
+    def _score(self, X: np.ndarray) -> np.ndarray: ...
+
+    def _parts(self, X: np.ndarray) -> np.ndarray:
+        """Per-feature parts of the score (non-negative).  By default: squared deviation."""
+        return X**2
+
+    def get_state(self) -> dict[str, Any]:
+        """Everything needed to score again, as plain Python values, arrays and bytes."""
+        return {"params": self.get_params(), "threshold": self.threshold_, "validation": self.validation_,
+                "fitted": self._get_fitted()}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Detector:
+        det = cls(**state["params"])
+        det.threshold_, det.validation_ = float(state["threshold"]), dict(state["validation"])
+        det._set_fitted(state["fitted"])
+        return det
+
+    def get_params(self) -> dict[str, Any]:
+        return {"seed": self.seed, "validation_fraction": self.validation_fraction,
+                "threshold_quantile": self.threshold_quantile, "threshold_margin": self.threshold_margin}
+
+    @abstractmethod
+    def _get_fitted(self) -> Any: ...
+
+    @abstractmethod
+    def _set_fitted(self, fitted: Any) -> None: ...
+
+
+class IsolationForestDetector(Detector):
+    """scikit-learn's IsolationForest on single windows (no sequence)."""
+
+    name = "iforest"
+
+    def __init__(self, *, n_estimators: int = 200, **kw: Any):
+        super().__init__(**kw)
+        self.n_estimators = n_estimators
+
+    def _fit(self, X: np.ndarray) -> None:
+        from sklearn.ensemble import IsolationForest
+
+        self.model_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X)
+
+    def _score(self, X: np.ndarray) -> np.ndarray:
+        return -self.model_.score_samples(X)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "n_estimators": self.n_estimators}
+
+    def _get_fitted(self) -> Any:
+        return self.model_
+
+    def _set_fitted(self, fitted: Any) -> None:
+        self.model_ = fitted
+
+
+class PCADetector(Detector):
+    """Distance from normal in the principal subspace of normal windows, and off it.
+
+    Normal windows vary along a few directions (rate and latency rise together).  A
+    window's score is its squared residual off that subspace (the Q statistic: a
+    combination never seen) plus its Hotelling T^2 inside it (each component's value over
+    its normal variance: a familiar combination, but far too much of it), so a latency
+    shift along the latencies' own direction is caught as well as a broken correlation."""
+
+    name = "pca"
+
+    def __init__(self, *, variance: float = 0.9, **kw: Any):
+        super().__init__(**kw)
+        self.variance = variance
+
+    def _fit(self, X: np.ndarray) -> None:
+        self.mean_ = X.mean(axis=0)
+        _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
+        explained = np.cumsum(s**2) / max(float((s**2).sum()), 1e-12)
+        k = min(int(np.searchsorted(explained, self.variance) + 1), X.shape[1] - 1)
+        self.components_ = vt[:k]
+        self.component_var_ = np.maximum(s[:k] ** 2 / max(len(X) - 1, 1), 1e-2)
+
+    def _parts(self, X: np.ndarray) -> np.ndarray:
+        centred = X - self.mean_
+        inside = centred @ self.components_.T  # (n, k)
+        residual = centred - inside @ self.components_
+        # T^2 = x' P diag(1/var) P' x, split per feature as x_j * (P diag(1/var) P' x)_j.
+        t2_parts = np.abs(centred * ((inside / self.component_var_) @ self.components_))
+        return residual**2 + t2_parts
+
+    def _score(self, X: np.ndarray) -> np.ndarray:
+        return self._parts(X).sum(axis=1)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "variance": self.variance}
+
+    def _get_fitted(self) -> Any:
+        return {"mean": self.mean_, "components": self.components_, "component_var": self.component_var_}
+
+    def _set_fitted(self, fitted: Any) -> None:
+        self.mean_, self.components_ = np.asarray(fitted["mean"]), np.asarray(fitted["components"])
+        self.component_var_ = np.asarray(fitted["component_var"])
+
+
+class RecurrentAutoencoder(Detector):
+    """A GRU sequence-to-sequence autoencoder over the last ``seq_len`` windows.
+
+    The encoder GRU reads the sequence into a small code (``latent`` numbers); the decoder
+    GRU unrolls that code back into the whole sequence.  Trained on normal traffic only,
+    it reconstructs normal sequences well and unusual ones badly: a row's score is the
+    mean squared error of its own (last) step, whose per-feature errors explain it."""
+
+    name = "gru_ae"
+    min_rows = 16
+
+    def __init__(self, *, seq_len: int = 6, hidden: int = 32, latent: int = 4, epochs: int = 40,
+                 batch_size: int = 64, learning_rate: float = 3e-3, device: str | None = None, **kw: Any):
+        super().__init__(**kw)
+        self.seq_len, self.hidden, self.latent = seq_len, hidden, latent
+        self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
+        self.device = device
+
+    def _sequences(self, X: np.ndarray) -> np.ndarray:
+        padded = np.concatenate([np.repeat(X[:1], self.seq_len - 1, axis=0), X])
+        idx = np.arange(len(X))[:, None] + np.arange(self.seq_len)[None, :]
+        return padded[idx]  # (n, seq_len, n_features)
+
+    def _fit(self, X: np.ndarray) -> None:
+        import torch
+
+        torch.manual_seed(self.seed)
+        device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        net = _net(X.shape[1], self.hidden, self.latent).to(device)
+        seqs = torch.as_tensor(self._sequences(X), dtype=torch.float32, device=device)
+        opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
+        gen = torch.Generator().manual_seed(self.seed)
+        for _ in range(self.epochs):
+            for batch in torch.randperm(len(seqs), generator=gen).split(self.batch_size):
+                x = seqs[batch.to(device)]
+                loss = torch.mean((net(x) - x) ** 2)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net_ = net.to("cpu").eval()
+
+    def _errors(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            x = torch.as_tensor(self._sequences(X), dtype=torch.float32)
+            return ((self.net_(x) - x)[:, -1, :] ** 2).double().numpy()
+
+    def _score(self, X: np.ndarray) -> np.ndarray:
+        return self._errors(X).mean(axis=1)
+
+    def _parts(self, X: np.ndarray) -> np.ndarray:
+        return self._errors(X)
+
+    def get_params(self) -> dict[str, Any]:
+        return {**super().get_params(), "seq_len": self.seq_len, "hidden": self.hidden, "latent": self.latent,
+                "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "device": self.device}
+
+    def _get_fitted(self) -> Any:
+        import torch
+
+        buf = io.BytesIO()
+        torch.save(self.net_.state_dict(), buf)
+        return {"n_features": self.net_.n_features, "weights": buf.getvalue()}
+
+    def _set_fitted(self, fitted: Any) -> None:
+        import torch
+
+        net = _net(int(fitted["n_features"]), self.hidden, self.latent)
+        net.load_state_dict(torch.load(io.BytesIO(fitted["weights"]), map_location="cpu", weights_only=True))
+        self.net_ = net.eval()
+
+
+def _net(n_features: int, hidden: int, latent: int) -> Any:
+    """The autoencoder's network (built here so torch is imported only when it is used)."""
+    import torch
+    from torch import nn
+
+    class GRUAutoencoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.n_features = n_features
+            self.encoder = nn.GRU(n_features, hidden, batch_first=True)
+            self.to_code = nn.Linear(hidden, latent)
+            self.decoder = nn.GRU(latent, hidden, batch_first=True)
+            self.to_features = nn.Linear(hidden, n_features)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            _, h = self.encoder(x)  # h: (1, batch, hidden)
+            code = torch.tanh(self.to_code(h[-1]))
+            out, _ = self.decoder(code.unsqueeze(1).expand(-1, x.shape[1], -1))
+            return self.to_features(out)
+
+    return GRUAutoencoder()
+
+
+DETECTORS: dict[str, type[Detector]] = {d.name: d for d in (RecurrentAutoencoder, IsolationForestDetector, PCADetector)}
+DEFAULT_DETECTOR = RecurrentAutoencoder.name
+
+
+def make(name: str, **params: Any) -> Detector:
+    """A new detector by name (``gru_ae``, ``iforest``, ``pca``)."""
+    if name not in DETECTORS:
+        raise ValueError(f"no detector {name!r}: choose one of {', '.join(DETECTORS)}")
+    return DETECTORS[name](**params)

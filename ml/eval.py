@@ -1,0 +1,276 @@
+"""Honest evaluation of detectors on labeled windows.
+
+Two kinds of input:
+
+* a scenario recording (ml/scenarios.py): per service, its ``train`` windows fit the
+  detector, its ``test`` windows (faults, recoveries and an hour of normal traffic) are
+  scored and compared with the ``label`` column;
+* any labeled multivariate series as two CSV files, a training file of normal data and
+  a test file with a 0/1 label column, so public benchmarks can be used as they are.
+  Every other column must be numeric; a column named ``timestamp`` or ``time`` is
+  ignored.
+
+Metrics, per detector, on the raw per-window predictions (``predict``; the scorer's
+hysteresis is not applied):
+
+    precision, recall, F1   point-wise, **without** point adjustment
+    event recall            share of anomalous segments (runs of label 1) with at least one
+                            window predicted anomalous
+    false alarms/h          runs of predicted-anomalous windows that touch no anomalous
+                            segment, per hour of normal (label 0) windows
+    median delay            windows from a detected segment's start to its first detection
+    PA-F1                   point-adjusted F1 (a detected segment counts as wholly found):
+                            printed for comparison with papers that report it, never alone
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ml.detectors import DETECTORS, make
+from ml.features import Normaliser, series_by_service
+from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, Window
+
+
+class EvalInputError(ValueError):
+    """A CSV that cannot be evaluated; the message names the file, line or column."""
+
+
+@dataclass(frozen=True)
+class Labeled:
+    """One series to evaluate: training rows (normal) and test rows with labels."""
+
+    name: str
+    train: np.ndarray  # (n, f) normalised
+    test: np.ndarray  # (m, f) normalised
+    labels: np.ndarray  # (m,) 0/1
+    scenarios: tuple[str, ...] = ()  # (m,) the scenario a test row belongs to ('' for none)
+
+
+@dataclass
+class Metrics:
+    precision: float
+    recall: float
+    f1: float
+    event_recall: float
+    events: int
+    false_alarms_per_hour: float
+    median_delay: float  # windows; nan when nothing was detected
+    pa_f1: float
+    per_scenario: dict[str, tuple[int, int, float]] = field(default_factory=dict)  # name -> (found, events, delay)
+
+
+def _runs(flags: np.ndarray) -> list[tuple[int, int]]:
+    """Maximal runs of 1 as [start, end) index pairs."""
+    padded = np.concatenate([[0], flags.astype(np.int8), [0]])
+    edges = np.flatnonzero(np.diff(padded))
+    return list(zip(edges[::2].tolist(), edges[1::2].tolist()))
+
+
+def _f1(p: float, r: float) -> float:
+    return 0.0 if p + r == 0 else 2 * p * r / (p + r)
+
+
+def metrics(series: Iterable[tuple[np.ndarray, np.ndarray, Sequence[str]]],
+            seconds_per_row: float = WINDOW_SECONDS) -> Metrics:
+    """Metrics over several (labels, predictions, scenario per row) series, pooled."""
+    tp = fp = fn = pa_tp = pa_fn = 0
+    events = found = false_alarms = 0
+    normal_rows = 0
+    delays: list[int] = []
+    per: dict[str, list[Any]] = {}
+    for y, p, scen in series:
+        y, p = np.asarray(y, dtype=bool), np.asarray(p, dtype=bool)
+        tp += int((y & p).sum())
+        fp += int((~y & p).sum())
+        fn += int((y & ~p).sum())
+        normal_rows += int((~y).sum())
+        for start, end in _runs(y):
+            hits = np.flatnonzero(p[start:end])
+            name = scen[start] if len(scen) else ""
+            entry = per.setdefault(name, [0, 0, []])
+            events += 1
+            entry[1] += 1
+            if len(hits):
+                found += 1
+                entry[0] += 1
+                delays.append(int(hits[0]))
+                entry[2].append(int(hits[0]))
+                pa_tp += end - start
+            else:
+                pa_fn += end - start
+        for start, end in _runs(p):
+            if not y[start:end].any():
+                false_alarms += 1
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    pa_precision = pa_tp / (pa_tp + fp) if pa_tp + fp else 0.0
+    pa_recall = pa_tp / (pa_tp + pa_fn) if pa_tp + pa_fn else 0.0
+    hours = normal_rows * seconds_per_row / 3600
+    return Metrics(
+        precision=precision, recall=recall, f1=_f1(precision, recall),
+        event_recall=found / events if events else math.nan, events=events,
+        false_alarms_per_hour=false_alarms / hours if hours else math.nan,
+        median_delay=float(np.median(delays)) if delays else math.nan,
+        pa_f1=_f1(pa_precision, pa_recall),
+        per_scenario={k: (v[0], v[1], float(np.median(v[2])) if v[2] else math.nan) for k, v in per.items() if k},
+    )
+
+
+def evaluate(detector: str, data: Sequence[Labeled], params: dict[str, Any] | None = None,
+             seconds_per_row: float = WINDOW_SECONDS, progress: Callable[[str], None] = print) -> Metrics:
+    """Fit ``detector`` on each series' training rows, predict its test rows (scored after
+    the training rows, so a sequence model has its context), and pool the metrics."""
+    results = []
+    for s in data:
+        det = make(detector, **(params or {})).fit(s.train)
+        scores = det.score_samples(np.concatenate([s.train, s.test]))[len(s.train):]
+        results.append((s.labels, scores > det.threshold_, s.scenarios))
+        progress(f"  {detector}: {s.name} scored ({len(s.test)} windows, {int(s.labels.sum())} labeled anomalous)")
+    return metrics(results, seconds_per_row)
+
+
+# --- inputs -----------------------------------------------------------------------
+
+def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
+    try:
+        with path.open(newline="") as f:
+            rows = list(csv.reader(f))
+    except OSError as exc:
+        raise EvalInputError(f"{path}: cannot read ({exc.strerror})") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise EvalInputError(f"{path}: not a CSV file ({exc})") from None
+    if not rows:
+        raise EvalInputError(f"{path}: empty; expected a header line and rows")
+    return [h.strip() for h in rows[0]], rows[1:]
+
+
+def _numbers(path: Path, header: list[str], rows: list[list[str]], columns: list[str]) -> np.ndarray:
+    idx = [header.index(c) for c in columns]
+    out = np.empty((len(rows), len(columns)))
+    for line, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise EvalInputError(f"{path}:{line}: {len(row)} fields, but the header has {len(header)}")
+        for j, i in enumerate(idx):
+            try:
+                out[line - 2, j] = float(row[i])
+            except ValueError:
+                raise EvalInputError(f"{path}:{line}: column {columns[j]!r} is {row[i]!r}, not a number") from None
+            if not math.isfinite(out[line - 2, j]):
+                raise EvalInputError(f"{path}:{line}: column {columns[j]!r} is {row[i]!r}; give a finite number")
+    return out
+
+
+_IGNORED = {"timestamp", "time"}
+
+
+def load_csv_pair(train_path: Path, test_path: Path, label: str = "label",
+                  min_train_rows: int = 32) -> Labeled:
+    """A training CSV (normal rows) and a test CSV with a 0/1 ``label`` column, checked."""
+    train_header, train_rows = _read_csv(train_path)
+    test_header, test_rows = _read_csv(test_path)
+    if label not in test_header:
+        raise EvalInputError(f"{test_path}: no {label!r} column (columns: {', '.join(test_header)}); the test file "
+                             f"needs a 0/1 label column, or name it with --label-column")
+    features = [c for c in test_header if c != label and c.lower() not in _IGNORED]
+    missing = [c for c in features if c not in train_header]
+    if missing:
+        raise EvalInputError(f"{train_path}: lacks column(s) {', '.join(missing)} that {test_path} has")
+    if not features:
+        raise EvalInputError(f"{test_path}: no feature columns besides {label!r}")
+    if len(train_rows) < min_train_rows:
+        raise EvalInputError(f"{train_path}: {len(train_rows)} rows; at least {min_train_rows} rows of normal data "
+                             "are needed to fit and validate a detector")
+    if not test_rows:
+        raise EvalInputError(f"{test_path}: no rows to evaluate")
+    train = _numbers(train_path, train_header, train_rows, features)
+    test = _numbers(test_path, test_header, test_rows, features)
+    labels = _numbers(test_path, test_header, test_rows, [label])[:, 0]
+    bad = np.flatnonzero((labels != 0) & (labels != 1))
+    if len(bad):
+        raise EvalInputError(f"{test_path}:{bad[0] + 2}: {label!r} is {labels[bad[0]]:g}; labels must be 0 or 1")
+    if label in train_header:  # a training file with labels: only its normal rows are used
+        normal = _numbers(train_path, train_header, train_rows, [label])[:, 0] == 0
+        train = train[normal]
+    n = len(features)
+    norm = Normaliser.fit(train, log=np.zeros(n, dtype=bool), floor=np.full(n, 1e-6))
+    return Labeled(f"{test_path.name}", norm.transform(train), norm.transform(test), labels.astype(np.int8))
+
+
+RECORDING_COLUMNS = ("service", "window", *ROLLUP_FIELDS, "label", "scenario", "split")
+
+
+def load_recording(path: Path) -> list[Labeled]:
+    """A scenario recording (ml/scenarios.py) as one Labeled series per service."""
+    header, rows = _read_csv(path)
+    missing = [c for c in RECORDING_COLUMNS if c not in header]
+    if missing:
+        raise EvalInputError(f"{path}: not a scenario recording, it lacks {', '.join(missing)} (expected the columns "
+                             f"{', '.join(RECORDING_COLUMNS)})")
+    numeric = _numbers(path, header, rows, ["window", *ROLLUP_FIELDS, "label"])
+    col = {c: header.index(c) for c in ("service", "scenario", "split")}
+    windows: list[Window] = []
+    meta: dict[tuple[str, int], tuple[int, str, str]] = {}
+    for r, row in zip(numeric, rows):
+        w = Window(row[col["service"]], int(r[0]), dict(zip(ROLLUP_FIELDS, r[1:-1].tolist())))
+        windows.append(w)
+        meta[(w.service, w.window)] = (int(r[-1]), row[col["scenario"]], row[col["split"]])
+    train_end = max((k[1] for k, v in meta.items() if v[2] == "train"), default=None)
+    if train_end is None:
+        raise EvalInputError(f"{path}: no row has split 'train'; a recording needs normal windows to train on")
+    out = []
+    for service, s in sorted(series_by_service(windows).items()):
+        info = [meta.get((service, int(w)), (0, "", "")) for w in s.windows]  # a gap: no requests, unlabeled
+        is_train = s.windows <= train_end
+        if is_train.sum() < 16:
+            raise EvalInputError(f"{path}: {service} has {int(is_train.sum())} train windows; at least 16 are needed")
+        norm = Normaliser.fit(s.raw[is_train])
+        X = norm.transform(s.raw)
+        labels = np.array([i[0] for i in info], dtype=np.int8)
+        out.append(Labeled(service, X[is_train], X[~is_train], labels[~is_train],
+                           tuple(i[1] for i, t in zip(info, is_train) if not t)))
+    return out
+
+
+# --- the table ----------------------------------------------------------------------
+
+def table(results: dict[str, Metrics], seconds_per_row: float = WINDOW_SECONDS) -> str:
+    head = ("detector", "precision", "recall", "F1", "event recall", "false alarms/h", "median delay",
+            "(PA-F1)")
+    lines = [head]
+    for name, m in results.items():
+        delay = "-" if math.isnan(m.median_delay) else f"{m.median_delay:.0f} w ({m.median_delay * seconds_per_row:.0f} s)"
+        lines.append((name, f"{m.precision:.3f}", f"{m.recall:.3f}", f"{m.f1:.3f}",
+                      f"{m.event_recall:.2f} ({round(m.event_recall * m.events)}/{m.events})"
+                      if m.events else "-", f"{m.false_alarms_per_hour:.2f}", delay, f"{m.pa_f1:.3f}"))
+    scenarios = sorted({k for m in results.values() for k in m.per_scenario})
+    out = _format(lines)
+    if scenarios:
+        rows = [("detector", *scenarios)]
+        for name, m in results.items():
+            rows.append((name, *(f"{m.per_scenario[k][0]}/{m.per_scenario[k][1]}"
+                                  + ("" if math.isnan(m.per_scenario[k][2]) else f", {m.per_scenario[k][2]:.0f} w")
+                                  if k in m.per_scenario else "-" for k in scenarios)))
+        out += "\nsegments found per scenario (found/segments, median delay in windows):\n" + _format(rows)
+    return out
+
+
+def _format(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows) + "\n"
+
+
+def detectors(names: str) -> list[str]:
+    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in DETECTORS]
+    if unknown:
+        raise EvalInputError(f"--detectors: no detector {', '.join(unknown)}; choose from {', '.join(DETECTORS)}")
+    return chosen
+

@@ -1,0 +1,68 @@
+"""A trained model of the mesh: per service, its normaliser and its fitted detector.
+
+:func:`train` fits one :class:`ServiceModel` per service from that service's gap-filled
+training series (ml.features); the detector is the same kind for every service, its
+threshold and normal statistics are the service's own.  :class:`MeshModel` is what the
+registry stores as one version and what the scorer loads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ml import explain
+from ml.detectors import Detector, make
+from ml.features import Normaliser, ServiceSeries
+
+
+@dataclass
+class ServiceModel:
+    service: str
+    normaliser: Normaliser
+    detector: Detector
+
+    def score(self, raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Scores and per-feature contributions of consecutive raw windows (oldest first)."""
+        X = self.normaliser.transform(raw)
+        return self.detector.score_samples(X), self.detector.contributions(X)
+
+    def explain(self, raw_row: np.ndarray, contributions_row: np.ndarray) -> tuple[str, list[explain.Cause]]:
+        found = explain.causes(contributions_row, raw_row, self.normaliser.raw_median)
+        return explain.sentence(self.service, found), found
+
+
+@dataclass
+class MeshModel:
+    detector: str
+    params: dict[str, Any]
+    since: int  # training range, Unix seconds [since, until)
+    until: int
+    services: dict[str, ServiceModel] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # service -> why it has no model
+
+
+def train(series: Mapping[str, ServiceSeries], detector: str, params: Mapping[str, Any] | None = None, *,
+          since: int, until: int, min_requests: float = 1.0,
+          progress: Callable[[str], None] = print) -> MeshModel:
+    """Fit a detector per service; a service without enough traffic is skipped, with the reason."""
+    model = MeshModel(detector, dict(params or {}), since, until)
+    for i, (name, s) in enumerate(sorted(series.items()), 1):
+        busy = s.raw[:, 0] * 10 >= min_requests  # windows with traffic
+        if busy.sum() < len(s.raw) / 2:
+            model.skipped[name] = f"traffic in only {int(busy.sum())} of {len(s.raw)} windows"
+            progress(f"  [{i}/{len(series)}] {name}: skipped ({model.skipped[name]})")
+            continue
+        try:
+            normaliser = Normaliser.fit(s.raw)
+            det = make(detector, **(params or {})).fit(normaliser.transform(s.raw))
+        except ValueError as exc:
+            model.skipped[name] = str(exc)
+            progress(f"  [{i}/{len(series)}] {name}: skipped ({exc})")
+            continue
+        model.services[name] = ServiceModel(name, normaliser, det)
+        progress(f"  [{i}/{len(series)}] {name}: {len(s.raw)} windows, threshold {det.threshold_:.4g}")
+    return model
