@@ -123,6 +123,17 @@ def _clickhouse() -> Found | None:
     return Found(str(path), "unknown")
 
 
+def _torch() -> Found | None:
+    # Its version and location from package metadata: importing torch itself takes seconds.
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution("torch")
+    except metadata.PackageNotFoundError:
+        return None
+    return Found(str(dist.locate_file("torch")), dist.version)
+
+
 COMPONENTS: tuple[Component, ...] = (
     Component(
         name="envoy",
@@ -151,6 +162,13 @@ COMPONENTS: tuple[Component, ...] = (
         pinned="Debian's clickhouse-server",
         locate=_clickhouse,
         install="apt-get install clickhouse-server",
+    ),
+    Component(
+        name="torch",
+        purpose="the recurrent autoencoder (ml/)",
+        pinned="2.15.0 (PyPI, own folder)",
+        locate=_torch,
+        install=INSTALL,
     ),
 )
 

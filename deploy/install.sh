@@ -192,4 +192,5 @@ envoy_version=$("$VENV/bin/greymesh" doctor --component envoy --version-only 2>/
 opa_found=$("$VENV/bin/greymesh" doctor --component opa --version-only 2>/dev/null || true)
 kafka_found=$("$VENV/bin/greymesh" doctor --component kafka --version-only 2>/dev/null || true)
 ch_found=$("$VENV/bin/greymesh" doctor --component clickhouse --version-only 2>/dev/null || true)
-step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?}, kafka ${kafka_found:-?}, clickhouse server ${ch_found:-?})"
+torch_found=$("$VENV/bin/greymesh" doctor --component torch --version-only 2>/dev/null || true)
+step "ready: $VENV/bin/greymesh (envoy ${envoy_version:-?}, opa ${opa_found:-?}, kafka ${kafka_found:-?}, clickhouse server ${ch_found:-?}, torch ${torch_found:-?})"

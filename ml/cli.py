@@ -25,6 +25,7 @@ from ml.detectors import DEFAULT_DETECTOR, DETECTORS
 from ml.features import series_by_service
 from ml.model import train
 from ml.registry import ModelError, Registry
+from ml.scorer import LATENESS_S
 from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError
 
 
@@ -64,7 +65,8 @@ def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) 
     msub = ml.add_subparsers(required=True, metavar="ACTION")
 
     sp = msub.add_parser("train", help="train per-service models from the store's roll-ups; becomes current")
-    sp.add_argument("--since", type=_when, default="24h", help="start of the training range: an ISO time or an age (default: 24h ago)")
+    sp.add_argument("--since", type=_when, default="24h",
+                    help="start of the training range: an ISO time or an age (default: 24h ago)")
     sp.add_argument("--until", type=_when, default="0s", help="end of the training range (default: now)")
     sp.add_argument("--detector", choices=list(DETECTORS), default=DEFAULT_DETECTOR)
     sp.add_argument("--seed", type=int, default=0)
@@ -116,7 +118,9 @@ def _train(args: argparse.Namespace) -> int:
     if args.until <= args.since:
         raise runtime.MeshRuntimeError(f"--until ({args.until}) must be after --since ({args.since})")
     since = args.since // WINDOW_SECONDS * WINDOW_SECONDS
-    until = args.until // WINDOW_SECONDS * WINDOW_SECONDS
+    # Only closed windows: the one still filling (and the one whose logs are in flight) would
+    # teach the model that a sudden drop in traffic is normal.
+    until = int(min(args.until, time.time() - LATENESS_S)) // WINDOW_SECONDS * WINDOW_SECONDS
     print(f"reading windows {_iso(since)} .. {_iso(until)} from the store", flush=True)
     try:
         rows = _sink(args.data_dir).fetch(since, until)

@@ -203,13 +203,17 @@ class RecurrentAutoencoder(Detector):
     mean squared error of its own (last) step, whose per-feature errors explain it."""
 
     name = "gru_ae"
-    min_rows = 16
+    min_rows = 12
 
     def __init__(self, *, seq_len: int = 6, hidden: int = 32, latent: int = 4, epochs: int = 40,
-                 batch_size: int = 64, learning_rate: float = 3e-3, device: str | None = None, **kw: Any):
+                 max_steps: int = 1500, batch_size: int = 64, learning_rate: float = 3e-3, device: str | None = None,
+                 **kw: Any):
         super().__init__(**kw)
         self.seq_len, self.hidden, self.latent = seq_len, hidden, latent
-        self.epochs, self.batch_size, self.learning_rate = epochs, batch_size, learning_rate
+        # ``epochs`` passes over small data, but at most ``max_steps`` updates: a day of windows
+        # (8,640) needs a few passes, not forty.
+        self.epochs, self.max_steps = epochs, max_steps
+        self.batch_size, self.learning_rate = batch_size, learning_rate
         self.device = device
 
     def _sequences(self, X: np.ndarray) -> np.ndarray:
@@ -226,6 +230,7 @@ class RecurrentAutoencoder(Detector):
         seqs = torch.as_tensor(self._sequences(X), dtype=torch.float32, device=device)
         opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
         gen = torch.Generator().manual_seed(self.seed)
+        steps = 0
         for _ in range(self.epochs):
             for batch in torch.randperm(len(seqs), generator=gen).split(self.batch_size):
                 x = seqs[batch.to(device)]
@@ -233,6 +238,11 @@ class RecurrentAutoencoder(Detector):
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
+                steps += 1
+                if steps >= self.max_steps:
+                    break
+            if steps >= self.max_steps:
+                break
         self.net_ = net.to("cpu").eval()
 
     def _errors(self, X: np.ndarray) -> np.ndarray:
@@ -250,7 +260,8 @@ class RecurrentAutoencoder(Detector):
 
     def get_params(self) -> dict[str, Any]:
         return {**super().get_params(), "seq_len": self.seq_len, "hidden": self.hidden, "latent": self.latent,
-                "epochs": self.epochs, "batch_size": self.batch_size, "learning_rate": self.learning_rate,
+                "epochs": self.epochs, "max_steps": self.max_steps, "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate,
                 "device": self.device}
 
     def _get_fitted(self) -> Any:

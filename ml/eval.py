@@ -149,7 +149,19 @@ def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
         raise EvalInputError(f"{path}: not a CSV file ({exc})") from None
     if not rows:
         raise EvalInputError(f"{path}: empty; expected a header line and rows")
-    return [h.strip() for h in rows[0]], rows[1:]
+    header = [h.strip() for h in rows[0]]
+    if all(_is_number(h) for h in header):
+        raise EvalInputError(f"{path}:1: the first line is data, not a header; add a line naming the columns "
+                             "(and, in the test file, the 0/1 label column)")
+    return header, rows[1:]
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _numbers(path: Path, header: list[str], rows: list[list[str]], columns: list[str]) -> np.ndarray:

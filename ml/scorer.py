@@ -50,6 +50,7 @@ from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError
 from tapstream import schema
 
 log = logging.getLogger("greymesh.ml.scorer")
+LATENESS_S = 5.0  # a window is read this long after it ends: Envoy flushes logs every 1 s, the sink every 0.5 s
 
 
 @dataclass(frozen=True)
@@ -113,7 +114,7 @@ class ScorerStats:
 
 class Scorer:
     def __init__(self, source: SinkWindows, registry: Registry, emit: Callable[[list[dict[str, Any]]], None], *,
-                 lateness_s: float = 5.0, rules: Hysteresis = Hysteresis(), shard: tuple[int, int] = (0, 1)):
+                 lateness_s: float = LATENESS_S, rules: Hysteresis = Hysteresis(), shard: tuple[int, int] = (0, 1)):
         self.source, self.registry, self.emit = source, registry, emit
         self.lateness_s, self.rules, self.shard = lateness_s, rules, shard
         self.model: MeshModel | None = None
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kafka", required=True, help="bootstrap servers for greymesh.anomalies")
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--stats", type=Path, help="write the scorer's state here (JSON) every round")
-    p.add_argument("--lateness", type=float, default=5.0, help="seconds after a window ends before it is scored")
+    p.add_argument("--lateness", type=float, default=LATENESS_S, help="seconds after a window ends before it is scored")
     p.add_argument("--shard", default="0/1", help="i/n: score the services whose name hashes to i of n")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

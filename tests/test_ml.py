@@ -287,6 +287,7 @@ def test_a_labeled_csv_pair_is_evaluated(tmp_path: Path) -> None:
     ("label_2", r"test\.csv:3: 'label' is 2; labels must be 0 or 1"),
     ("columns", r"train\.csv: lacks column\(s\) b that .*test\.csv has"),
     ("ragged", r"test\.csv:5: 2 fields, but the header has 3"),
+    ("headless", r"test\.csv:1: the first line is data, not a header"),
 ])
 def test_a_bad_eval_csv_is_refused_with_the_file_line_and_column(tmp_path: Path, case: str, message: str) -> None:
     train_header = ["a"] if case == "columns" else ["a", "b"]
@@ -300,6 +301,8 @@ def test_a_bad_eval_csv_is_refused_with_the_file_line_and_column(tmp_path: Path,
         rows[1][2] = 2
     if case == "ragged":
         rows[3] = [1, 2]
+    if case == "headless":
+        test_header = ["1", "2", "0"]
     te = write_csv(tmp_path / "test.csv", test_header, rows)
     with pytest.raises(ml_eval.EvalInputError, match=message):
         ml_eval.load_csv_pair(tr, te)

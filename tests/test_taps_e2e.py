@@ -53,7 +53,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory, clickhouse: ClickHouseServer)
         yield m
 
 
-def send(mesh: Mesh, n: int, agent: str, *, path: str = "/shop") -> list[int]:
+def send(mesh: Mesh, n: int, agent: str, *, path: str = "/anything/shop") -> list[int]:
     """n requests to the entrypoint, each on its own connection (Connection: close, so
     each makes one l3/l4 connection tap too); returns the statuses."""
     url = urllib.parse.urlsplit(mesh.entrypoint)
@@ -91,7 +91,7 @@ def test_n_requests_give_n_l7_rows_with_their_fields_and_matching_l3_l4_rows(mes
 
     rows = mesh.query(f"SELECT * {ingress}")
     assert {r["sidecar"] for r in rows} == {"frontend-1"} and {r["service"] for r in rows} == {"frontend"}
-    assert {(r["method"], r["path"], r["status"], r["protocol"]) for r in rows} == {("GET", "/shop", 200, "HTTP/1.1")}
+    assert {(r["method"], r["path"], r["status"], r["protocol"]) for r in rows} == {("GET", "/anything/shop", 200, "HTTP/1.1")}
     assert all(r["time_us"] >= t0 - 1_000_000 and r["duration_us"] > 0 for r in rows)
     assert all(r["response_bytes"] > 100 and r["request_bytes"] > 0 for r in rows)
     assert len({r["request_id"] for r in rows}) == n and len({r["event_id"] for r in rows}) == n
