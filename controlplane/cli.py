@@ -304,7 +304,9 @@ def _render_status(doc: dict) -> str:
 
 def _render_ml(ml: dict) -> str:
     if not ml.get("model_version"):
-        return "anomaly detection: no model yet; train one with `greymesh ml train` after ~20 minutes of traffic" + (
+        when = (f"the scorer trains the first one at {time.strftime('%H:%M', time.localtime(ml['auto_train_at']))}"
+                if ml.get("auto_train_at") else "it is trained after 20 minutes of traffic")
+        return f"anomaly detection: no model yet; {when} (or run `greymesh ml train` now)" + (
             f"\n    refused model: {ml['model_error']}" if ml.get("model_error") else "")
     text = (f"anomaly detection: model {ml['model_version']}, {ml['windows_scored']} windows scored, "
             f"{ml['anomalies_opened']} anomalies raised, open now: {', '.join(ml['open_now']) or 'none'}")

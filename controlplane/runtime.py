@@ -188,6 +188,7 @@ KAFKA, KAFKA_CONTROLLER = "kafka.client", "kafka.controller"
 LOCAL_KAFKA = "local"
 _BOOTSTRAP = re.compile(r"[^,:\s]+:\d{1,5}(,[^,:\s]+:\d{1,5})*")
 TAPS_GRPC, TAPS_HTTP, SINK_HTTP = "taps.grpc", "taps.http", "sink.http"
+AUTO_TRAIN_MINUTES = 20  # traffic the scorer waits for before it trains the first model
 HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, AUTHZ, KAFKA, KAFKA_CONTROLLER, TAPS_GRPC, TAPS_HTTP, SINK_HTTP)
 
 
@@ -233,10 +234,12 @@ def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
     _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[TAPS_HTTP]}/stats"), "the tap collector", dd.log("taps"), progress)
     _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[SINK_HTTP]}/stats"),
           f"the tap store sink ({state.store or 'embedded chdb'}, migrations)", dd.log("sink"), progress)
-    # The anomaly scorer idles until `greymesh ml train` has stored a model.
+    # The anomaly scorer trains the first model itself after AUTO_TRAIN_MINUTES of traffic
+    # (or takes the one `greymesh ml train` stores before that).
     _start(dd, state, "scorer", [
         sys.executable, "-m", "ml.scorer", "--sink-url", f"http://{HOST}:{state.ports[SINK_HTTP]}",
         "--kafka", bootstrap, "--registry", str(dd.models), "--stats", str(dd.scorer_stats),
+        "--auto-train-minutes", str(AUTO_TRAIN_MINUTES),
     ])
     state.save(dd.state)
 

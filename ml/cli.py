@@ -22,11 +22,9 @@ from typing import Any
 from controlplane import runtime
 from ml import eval as ml_eval
 from ml.detectors import DEFAULT_DETECTOR, DETECTORS
-from ml.features import series_by_service
-from ml.model import train
+from ml.model import TrainingError, train_from
 from ml.registry import ModelError, Registry
-from ml.scorer import LATENESS_S
-from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError
+from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError, closed_until
 
 
 def registry_of(data_dir: Path) -> Registry:
@@ -118,24 +116,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.until <= args.since:
         raise runtime.MeshRuntimeError(f"--until ({args.until}) must be after --since ({args.since})")
     since = args.since // WINDOW_SECONDS * WINDOW_SECONDS
-    # Only closed windows: the one still filling (and the one whose logs are in flight) would
-    # teach the model that a sudden drop in traffic is normal.
-    until = int(min(args.until, time.time() - LATENESS_S)) // WINDOW_SECONDS * WINDOW_SECONDS
+    until = min(args.until // WINDOW_SECONDS * WINDOW_SECONDS, closed_until(time.time()))
     print(f"reading windows {_iso(since)} .. {_iso(until)} from the store", flush=True)
     try:
-        rows = _sink(args.data_dir).fetch(since, until)
-    except WindowSourceError as exc:
+        model = train_from(_sink(args.data_dir), args.detector, {"seed": args.seed}, since=since, until=until,
+                           progress=lambda m: print(m, flush=True))
+    except (WindowSourceError, TrainingError) as exc:
         raise runtime.MeshRuntimeError(str(exc)) from None
-    series = series_by_service(rows, until=until)
-    if not series:
-        raise runtime.MeshRuntimeError(f"no windows between {_iso(since)} and {_iso(until)}: let the mesh serve "
-                                       "traffic for a while (20 minutes or more), or widen --since")
-    print(f"training {args.detector} for {len(series)} services ({len(rows)} windows)", flush=True)
-    model = train(series, args.detector, {"seed": args.seed}, since=since, until=until,
-                  progress=lambda m: print(m, flush=True))
-    if not model.services:
-        raise runtime.MeshRuntimeError("no service had enough traffic to train on: " + "; ".join(
-            f"{k}: {v}" for k, v in model.skipped.items()))
     version = registry_of(args.data_dir).save(model)
     print(f"saved model {version} ({len(model.services)} services) and made it current; the scorer picks it up")
     return 0

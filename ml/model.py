@@ -16,7 +16,8 @@ import numpy as np
 
 from ml import explain
 from ml.detectors import Detector, make
-from ml.features import Normaliser, ServiceSeries
+from ml.features import Normaliser, ServiceSeries, series_by_service
+from ml.windows import WindowSource
 
 
 @dataclass
@@ -65,4 +66,26 @@ def train(series: Mapping[str, ServiceSeries], detector: str, params: Mapping[st
             continue
         model.services[name] = ServiceModel(name, normaliser, det)
         progress(f"  [{i}/{len(series)}] {name}: {len(s.raw)} windows, threshold {det.threshold_:.4g}")
+    return model
+
+
+class TrainingError(Exception):
+    """Nothing could be trained; the message says what was missing and what to do."""
+
+
+def train_from(source: WindowSource, detector: str, params: Mapping[str, Any] | None = None, *, since: int,
+               until: int, progress: Callable[[str], None] = print) -> MeshModel:
+    """Read the windows in [since, until) from the store and train on them.  ``until``
+    should be a closed window (ml.windows.closed_until): the one still filling would
+    teach the model that a sudden drop in traffic is normal."""
+    rows = source.fetch(since, until)
+    series = series_by_service(rows, until=until)
+    if not series:
+        raise TrainingError(f"no windows in the store between {since} and {until} (Unix seconds): let the mesh "
+                            "serve traffic for a while (20 minutes or more), or widen the range")
+    progress(f"training {detector} for {len(series)} services ({len(rows)} windows)")
+    model = train(series, detector, params, since=since, until=until, progress=progress)
+    if not model.services:
+        raise TrainingError("no service had enough traffic to train on: "
+                            + "; ".join(f"{k}: {v}" for k, v in model.skipped.items()))
     return model

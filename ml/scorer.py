@@ -18,7 +18,10 @@ Events go to Kafka ``greymesh.anomalies`` (tapstream.schema's ``anomaly`` layer)
 from there the sink stores them in the ``anomalies`` table.
 
 The model is re-read from the registry when its CURRENT changes; a version that does
-not load is logged and the one already loaded keeps scoring.  The scorer keeps no
+not load is logged and the one already loaded keeps scoring.  With ``auto_train_s``, a
+scorer whose registry is empty trains the first version itself once it has seen that
+much traffic (what ``greymesh up`` does, so the demo needs no manual step); any later
+version comes from ``greymesh ml train``.  The scorer keeps no
 state that matters across restarts but the open anomalies, which a restart resolves
 implicitly (it starts from the newest closed window): any number of scorers can run,
 one per partition of the services (``--shard i/n``).
@@ -43,14 +46,14 @@ from typing import Any
 
 import numpy as np
 
+from ml.detectors import DEFAULT_DETECTOR
 from ml.features import series_by_service
-from ml.model import MeshModel
+from ml.model import MeshModel, TrainingError, train_from
 from ml.registry import ModelError, Registry
-from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError
+from ml.windows import LATENESS_S, WINDOW_SECONDS, SinkWindows, WindowSource, WindowSourceError, closed_until
 from tapstream import schema
 
 log = logging.getLogger("greymesh.ml.scorer")
-LATENESS_S = 5.0  # a window is read this long after it ends: Envoy flushes logs every 1 s, the sink every 0.5 s
 
 
 @dataclass(frozen=True)
@@ -109,14 +112,18 @@ class ScorerStats:
     anomalies_opened: int = 0
     open_now: list[str] = field(default_factory=list)
     source_error: str | None = None
+    auto_train_at: int | None = None  # when the first model will be trained (no model yet)
     at: float = 0.0
 
 
 class Scorer:
-    def __init__(self, source: SinkWindows, registry: Registry, emit: Callable[[list[dict[str, Any]]], None], *,
-                 lateness_s: float = LATENESS_S, rules: Hysteresis = Hysteresis(), shard: tuple[int, int] = (0, 1)):
+    def __init__(self, source: WindowSource, registry: Registry, emit: Callable[[list[dict[str, Any]]], None], *,
+                 lateness_s: float = LATENESS_S, rules: Hysteresis = Hysteresis(), shard: tuple[int, int] = (0, 1),
+                 auto_train_s: float | None = None, detector: str = DEFAULT_DETECTOR):
         self.source, self.registry, self.emit = source, registry, emit
         self.lateness_s, self.rules, self.shard = lateness_s, rules, shard
+        self.auto_train_s, self.detector = auto_train_s, detector
+        self._traffic_since: int | None = None  # first window with traffic this scorer saw (auto-training)
         self.model: MeshModel | None = None
         self.trackers: dict[str, Tracker] = {}
         self.next_window: int | None = None  # the first window not yet scored
@@ -138,6 +145,31 @@ class Scorer:
         self.model, self.stats.model_version, self.stats.model_error = model, version, None
         log.info("scoring with model %s (%s, %d services)", version, model.detector, len(model.services))
 
+    def _auto_train(self, done: int) -> None:
+        """Train and store the first version once ``auto_train_s`` of traffic has been seen."""
+        if self.registry.versions():
+            return  # a version exists (perhaps one that does not load): people decide from here
+        if self._traffic_since is None:
+            if self.source.fetch(done - WINDOW_SECONDS, done):
+                self._traffic_since = done - WINDOW_SECONDS
+            return
+        self.stats.auto_train_at = int(self._traffic_since + self.auto_train_s)
+        if done < self.stats.auto_train_at:
+            return
+        log.info("training the first model on the traffic since %d (%d s)", self._traffic_since,
+                 done - self._traffic_since)
+        try:
+            model = train_from(self.source, self.detector, since=self._traffic_since, until=done,
+                               progress=log.info)
+        except TrainingError as exc:
+            log.warning("could not train the first model yet: %s", exc)
+            self._traffic_since = None  # start counting again
+            return
+        version = self.registry.save(model, metrics={"trained_by": "scorer (first model, automatic)"})
+        self.stats.auto_train_at = None
+        log.info("stored %s; scoring with it from now on", version)
+        self.reload()
+
     def _mine(self, service: str) -> bool:
         index, count = self.shard
         return zlib.crc32(service.encode()) % count == index
@@ -145,26 +177,28 @@ class Scorer:
     def step(self, now: float | None = None) -> list[dict[str, Any]]:
         """Score every window that closed since the last step; emit and return the events."""
         self.reload()
+        now = time.time() if now is None else now
+        done = closed_until(now, self.lateness_s)
+        if self.model is None and self.auto_train_s is not None:
+            self._auto_train(done)
         model = self.model
         if model is None:
             return []
-        now = time.time() if now is None else now
-        closed_until = int(now - self.lateness_s) // WINDOW_SECONDS * WINDOW_SECONDS  # windows before this are done
         if self.next_window is None:
-            self.next_window = closed_until - WINDOW_SECONDS
-        if closed_until <= self.next_window:
+            self.next_window = done - WINDOW_SECONDS
+        if done <= self.next_window:
             return []
         context = max(getattr(sm.detector, "seq_len", 1) for sm in model.services.values()) if model.services else 1
         since = self.next_window - (context - 1) * WINDOW_SECONDS
         services = [s for s in model.services if self._mine(s)]
         try:
-            rows = self.source.fetch(since, closed_until, services)
+            rows = self.source.fetch(since, done, services)
             self.stats.source_error = None
         except WindowSourceError as exc:
             self.stats.source_error = str(exc)
             log.warning("%s", exc)
             return []
-        series = series_by_service(rows, since, closed_until)
+        series = series_by_service(rows, since, done)
         events: list[dict[str, Any]] = []
         for service in services:
             sm = model.services[service]
@@ -183,8 +217,8 @@ class Scorer:
                 text, causes = sm.explain(s.raw[i], parts[i])
                 events.append(self._event(service, *change, window, score, threshold, text, causes, model))
                 self.stats.anomalies_opened += change[0] == "open"
-        self.next_window = closed_until
-        self.stats.last_window = closed_until - WINDOW_SECONDS
+        self.next_window = done
+        self.stats.last_window = done - WINDOW_SECONDS
         self.stats.open_now = sorted(s for s, t in self.trackers.items() if t.open is not None)
         if events:
             self.emit(events)
@@ -245,12 +279,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--stats", type=Path, help="write the scorer's state here (JSON) every round")
     p.add_argument("--lateness", type=float, default=LATENESS_S, help="seconds after a window ends before it is scored")
     p.add_argument("--shard", default="0/1", help="i/n: score the services whose name hashes to i of n")
+    p.add_argument("--auto-train-minutes", type=float,
+                   help="with no model yet, train the first one after this much traffic")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     index, _, count = args.shard.partition("/")
     scorer = Scorer(SinkWindows(args.sink_url), Registry(args.registry), kafka_emitter(args.kafka),
-                    lateness_s=args.lateness, shard=(int(index), int(count or 1)))
+                    lateness_s=args.lateness, shard=(int(index), int(count or 1)),
+                    auto_train_s=None if args.auto_train_minutes is None else args.auto_train_minutes * 60)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log.info("scoring windows from %s with models from %s", args.sink_url, args.registry)

@@ -12,6 +12,7 @@ import json
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from typing import Protocol
 
 # The roll-up's numeric columns, in the order features.py derives its vector from.
 ROLLUP_FIELDS: tuple[str, ...] = (
@@ -19,6 +20,13 @@ ROLLUP_FIELDS: tuple[str, ...] = (
     "bytes_in", "bytes_out", "distinct_callers", "authz_denials",
 )
 WINDOW_SECONDS = 10
+LATENESS_S = 5.0  # a window is read this long after it ends: Envoy flushes logs every 1 s, the sink every 0.5 s
+
+
+def closed_until(now: float, lateness_s: float = LATENESS_S) -> int:
+    """The start of the first window that is not yet complete in the store at ``now``:
+    every window before it has ended and had ``lateness_s`` for its logs to arrive."""
+    return int(now - lateness_s) // WINDOW_SECONDS * WINDOW_SECONDS
 
 
 class WindowSourceError(Exception):
@@ -30,6 +38,10 @@ class Window:
     service: str
     window: int  # Unix seconds, start of the 10 s window
     values: dict[str, float]  # ROLLUP_FIELDS -> value
+
+
+class WindowSource(Protocol):
+    def fetch(self, since: int, until: int, services: list[str] | None = None) -> list[Window]: ...
 
 
 class SinkWindows:

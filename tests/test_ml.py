@@ -315,3 +315,23 @@ def test_greymesh_ml_eval_refuses_a_bad_csv_with_exit_2(tmp_path: Path) -> None:
                            str(te)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "refused:" in done.stderr and "no 'label' column" in done.stderr and not done.stdout
+
+
+def test_a_scorer_with_an_empty_registry_trains_the_first_model_after_enough_traffic(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "models")
+    rows = normal_windows("payments", 200, seed=31) + normal_windows("orders", 200, seed=32, latency_ms=20)
+    scorer = Scorer(FakeSource(rows), reg, lambda events: None, lateness_s=0, auto_train_s=600, detector="pca")
+    for i in range(1, 60):  # 59 windows of traffic have closed: too early
+        scorer.step(now=T0 + i * WINDOW_SECONDS)
+    assert reg.versions() == [] and scorer.stats.auto_train_at == T0 + 600
+    scorer.step(now=T0 + 60 * WINDOW_SECONDS)  # the 60th: 10 minutes
+    assert reg.versions() == ["v0001"] and scorer.stats.model_version == "v0001"
+    manifest = reg.manifest("v0001")
+    assert manifest["detector"] == "pca" and set(manifest["services"]) == {"payments", "orders"}
+    assert (manifest["since"], manifest["until"]) == (T0, T0 + 600) and manifest["metrics"]["trained_by"]
+    scorer.step(now=T0 + 62 * WINDOW_SECONDS)
+    assert scorer.stats.windows_scored > 0
+    # Once a version exists, the scorer never trains again by itself.
+    reg.save(mesh_model("pca"))
+    scorer.step(now=T0 + 63 * WINDOW_SECONDS)
+    assert reg.versions() == ["v0001", "v0002"]
