@@ -103,12 +103,16 @@ def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) 
     sp.set_defaults(func=_eval)
 
     sp = msub.add_parser("record", help="run the fault scenarios on a mesh of its own and record labeled windows")
-    sp.add_argument("--out", type=Path, required=True, help="folder for the recording (recording.csv)")
+    sp.add_argument("--out", type=Path, required=True, help="folder for mesh/, phases.jsonl and recording.csv")
     sp.add_argument("--train-minutes", type=float, default=20)
     sp.add_argument("--holdout-minutes", type=float, default=60)
     sp.add_argument("--fault-minutes", type=float, default=2)
     sp.add_argument("--recovery-minutes", type=float, default=1.5)
-    sp.add_argument("--rps", type=float, default=10.0)
+    sp.add_argument("--warmup-minutes", type=float, default=1)
+    sp.add_argument("--rps", type=float, default=10.0, help="mean normal request rate at the front door")
+    sp.add_argument("--export-only", action="store_true",
+                    help="write recording.csv again from a recording whose mesh still runs (--keep)")
+    sp.add_argument("--keep", action="store_true", help="leave the recording's mesh running at the end")
     sp.set_defaults(func=_record)
 
 
@@ -225,9 +229,15 @@ def _eval(args: argparse.Namespace) -> int:
 def _record(args: argparse.Namespace) -> int:
     from ml import scenarios
 
-    out = scenarios.record(args.out, train_s=args.train_minutes * 60, holdout_s=args.holdout_minutes * 60,
-                           fault_s=args.fault_minutes * 60, recovery_s=args.recovery_minutes * 60,
-                           base_rps=args.rps, progress=lambda m: print(m, flush=True))
+    progress = lambda m: print(m, flush=True)  # noqa: E731
+    if args.export_only:
+        out = scenarios.export(runtime.DataDir(args.out / "mesh"), args.out / "phases.jsonl",
+                               args.out / "recording.csv", progress)
+    else:
+        out = scenarios.record(args.out, train_s=args.train_minutes * 60, holdout_s=args.holdout_minutes * 60,
+                               fault_s=args.fault_minutes * 60, recovery_s=args.recovery_minutes * 60,
+                               warmup_s=args.warmup_minutes * 60, base_rps=args.rps, keep=args.keep,
+                               progress=progress)
     print(f"recording: {out}")
     return 0
 

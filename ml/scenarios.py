@@ -1,6 +1,6 @@
 """Fault scenarios on the real mesh, recorded as labeled windows for training and evaluation.
 
-``greymesh ml record`` starts the demo mesh in its own data dir (no demo load
+``greymesh ml record`` (ml/cli.py) starts the demo mesh in its own data dir (no demo load
 generator), drives open-loop traffic at its front door, and follows a timetable:
 
     warm-up                     not recorded (Envoy, Kafka and the store settle)
@@ -21,7 +21,6 @@ faulted service and those that call it); ``split`` is ``train`` or ``test``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import http.client
 import json
@@ -30,7 +29,6 @@ import os
 import random
 import shutil
 import signal
-import sys
 import threading
 import time
 from collections import Counter
@@ -261,28 +259,3 @@ def export(dd: runtime.DataDir, phases_path: Path, out: Path, progress: Callable
             rows += 1
     progress(f"wrote {rows} windows to {out}")
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m ml.scenarios", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="folder for mesh/, phases.jsonl and recording.csv")
-    p.add_argument("--train-minutes", type=float, default=20)
-    p.add_argument("--holdout-minutes", type=float, default=60)
-    p.add_argument("--fault-minutes", type=float, default=2)
-    p.add_argument("--recovery-minutes", type=float, default=1.5)
-    p.add_argument("--warmup-minutes", type=float, default=1)
-    p.add_argument("--rps", type=float, default=10.0, help="mean normal request rate at the front door")
-    p.add_argument("--export-only", action="store_true", help="re-export a recording whose mesh still runs")
-    args = p.parse_args(argv)
-    if args.export_only:
-        export(runtime.DataDir(args.out / "mesh"), args.out / "phases.jsonl", args.out / "recording.csv")
-        return 0
-    record(args.out, train_s=args.train_minutes * 60, holdout_s=args.holdout_minutes * 60,
-           fault_s=args.fault_minutes * 60, recovery_s=args.recovery_minutes * 60,
-           warmup_s=args.warmup_minutes * 60, base_rps=args.rps)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
