@@ -153,7 +153,7 @@ def test_status_lists_every_process_and_sidecar(mesh: Mesh):
     doc = mesh.status()
     procs = doc["processes"]
     instances = ["frontend-1", "orders-1", "payments-v1-1", "payments-v2-1", "inventory-1"]
-    host_wide = {"controlplane", "loadgen", "opa", "authz", "kafka", "taps", "sink"}
+    host_wide = {"controlplane", "loadgen", "opa", "authz", "kafka", "taps", "sink", "scorer"}
     assert {f"envoy:{i}" for i in instances} | {f"app:{i}" for i in instances} | host_wide == set(procs)
     assert all(p["running"] for p in procs.values())
     assert set(doc["controlplane"]["nodes"]) == set(instances)
