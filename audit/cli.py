@@ -173,5 +173,8 @@ def _line(layer: str, e: dict) -> str:
     if layer == "l3":
         return (f"{when} {e['sidecar']:<14} {e['direction']:<8} flow {e['src_addr']}:{e['src_port']} -> "
                 f"{e['dst_addr']}:{e['dst_port']} {e['duration_us'] / 1000:.1f}ms")
+    if layer == "anomaly":
+        return (f"{when} anomaly {e['state']:<8} {e['service']:<12} score {e['score']:.3g} "
+                f"(threshold {e['threshold']:.3g}): {e['explanation']}")
     return (f"{when} authz {'ALLOW' if e['allow'] else 'DENY '} {e['caller'] or '-'} -> {e['callee']} "
             f"{e['method']} {e['path']}: {e['reason']}")
