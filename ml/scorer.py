@@ -47,13 +47,14 @@ from typing import Any
 import numpy as np
 
 from ml.detectors import DEFAULT_DETECTOR
-from ml.features import series_by_service
+from ml.features import FEATURES, ServiceSeries, series_by_service
 from ml.model import MeshModel, TrainingError, train_from
 from ml.registry import ModelError, Registry
 from ml.windows import LATENESS_S, WINDOW_SECONDS, SinkWindows, WindowSource, WindowSourceError, closed_until
 from tapstream import schema
 
 log = logging.getLogger("greymesh.ml.scorer")
+MAX_UNSENT = 10_000
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class ScorerStats:
     open_now: list[str] = field(default_factory=list)
     source_error: str | None = None
     auto_train_at: int | None = None  # when the first model will be trained (no model yet)
+    unsent: int = 0  # anomaly events waiting for Kafka
     at: float = 0.0
 
 
@@ -128,6 +130,7 @@ class Scorer:
         self.trackers: dict[str, Tracker] = {}
         self.next_window: int | None = None  # the first window not yet scored
         self.stats = ScorerStats()
+        self._unsent: list[dict[str, Any]] = []
 
     def reload(self) -> None:
         """Take the registry's current version if it changed and loads; else keep the one we have."""
@@ -150,8 +153,11 @@ class Scorer:
         if self.registry.versions():
             return  # a version exists (perhaps one that does not load): people decide from here
         if self._traffic_since is None:
-            if self.source.fetch(done - WINDOW_SECONDS, done):
-                self._traffic_since = done - WINDOW_SECONDS
+            try:
+                if self.source.fetch(done - WINDOW_SECONDS, done):
+                    self._traffic_since = done - WINDOW_SECONDS
+            except WindowSourceError as exc:
+                self.stats.source_error = str(exc)
             return
         self.stats.auto_train_at = int(self._traffic_since + self.auto_train_s)
         if done < self.stats.auto_train_at:
@@ -161,7 +167,7 @@ class Scorer:
         try:
             model = train_from(self.source, self.detector, since=self._traffic_since, until=done,
                                progress=log.info)
-        except TrainingError as exc:
+        except (TrainingError, WindowSourceError) as exc:
             log.warning("could not train the first model yet: %s", exc)
             self._traffic_since = None  # start counting again
             return
@@ -202,9 +208,9 @@ class Scorer:
         events: list[dict[str, Any]] = []
         for service in services:
             sm = model.services[service]
-            s = series.get(service)
-            if s is None:  # no requests at all in the range: every window is zero traffic
-                continue
+            # No row at all in the range: no requests, which is itself worth scoring (an outage).
+            s = series.get(service) or ServiceSeries(service, since, np.zeros(((done - since) // WINDOW_SECONDS,
+                                                                             len(FEATURES))))
             scores, parts = sm.score(s.raw)
             tracker = self.trackers.setdefault(service, Tracker(service, self.rules))
             threshold = sm.detector.threshold_
@@ -220,9 +226,22 @@ class Scorer:
         self.next_window = done
         self.stats.last_window = done - WINDOW_SECONDS
         self.stats.open_now = sorted(s for s, t in self.trackers.items() if t.open is not None)
-        if events:
-            self.emit(events)
+        self._send(events)
         return events
+
+    def _send(self, events: list[dict[str, Any]]) -> None:
+        """Emit this round's events after any that earlier rounds could not send; what
+        fails now is kept (the oldest dropped past MAX_UNSENT) and tried next round."""
+        self._unsent = (self._unsent + events)[-MAX_UNSENT:]
+        if not self._unsent:
+            return
+        try:
+            self.emit(self._unsent)
+        except Exception as exc:  # noqa: BLE001 (Kafka away: keep scoring, send later)
+            self.stats.unsent = len(self._unsent)
+            log.warning("could not send %d anomaly events (%s); retrying next round", len(self._unsent), exc)
+            return
+        self._unsent, self.stats.unsent = [], 0
 
     def _event(self, service: str, state: str, op: _Open, window: int, score: float, threshold: float, text: str,
                causes: list, model: MeshModel) -> dict[str, Any]:

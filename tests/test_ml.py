@@ -149,7 +149,7 @@ def test_a_corrupt_or_incompatible_version_is_refused_and_the_previous_one_keeps
     reg = Registry(tmp_path / "models")
     good = mesh_model("pca")
     reg.save(good)
-    rows = normal_windows("payments", 400, seed=11, start=T0)
+    rows = normal_windows("payments", 400, seed=11) + normal_windows("orders", 400, seed=12, latency_ms=20)
     source = FakeSource(rows)
     scorer = Scorer(source, reg, lambda events: None, lateness_s=0)
     scorer.step(now=T0 + 100 * WINDOW_SECONDS)
@@ -165,7 +165,7 @@ def test_a_corrupt_or_incompatible_version_is_refused_and_the_previous_one_keeps
     scorer.step(now=T0 + 103 * WINDOW_SECONDS)
     assert scorer.stats.model_version == "v0001"
     assert "checksum does not match" in (scorer.stats.model_error or "")
-    assert scorer.stats.windows_scored == scored + 3  # the previous version scored the new windows
+    assert scorer.stats.windows_scored == scored + 2 * 3  # the previous version scored 3 new windows of 2 services
 
     # v0003: trained on other features than this greymesh computes.
     reg.save(mesh_model("pca", seed=3))
@@ -233,7 +233,8 @@ def test_the_scorer_emits_open_then_resolved_with_an_explanation(tmp_path: Path)
     reg.save(mesh_model("pca"))
     start = T0 + 1000 * WINDOW_SECONDS
     normal = normal_windows("payments", 60, seed=21, start=start)
-    rows = normal[:20] + with_latency(normal[20:30], 8.0) + normal[30:]
+    rows = normal[:20] + with_latency(normal[20:30], 8.0) + normal[30:] + normal_windows(
+        "orders", 60, seed=22, start=start, latency_ms=20)
     emitted: list[dict] = []
     scorer = Scorer(FakeSource(rows), reg, emitted.extend, lateness_s=0)
     for i in range(1, 61):
@@ -335,3 +336,43 @@ def test_a_scorer_with_an_empty_registry_trains_the_first_model_after_enough_tra
     reg.save(mesh_model("pca"))
     scorer.step(now=T0 + 63 * WINDOW_SECONDS)
     assert reg.versions() == ["v0001", "v0002"]
+
+
+def test_events_kafka_did_not_take_are_sent_with_the_next_round(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "models")
+    reg.save(mesh_model("pca"))
+    start = T0 + 1000 * WINDOW_SECONDS
+    normal = normal_windows("payments", 30, seed=41, start=start)
+    rows = normal[:10] + with_latency(normal[10:], 8.0) + normal_windows("orders", 30, seed=42, start=start,
+                                                                         latency_ms=20)
+    sent: list[dict] = []
+    broker_up = False
+
+    def emit(events: list[dict]) -> None:
+        if not broker_up:
+            raise TimeoutError("Kafka is away")
+        sent.extend(events)
+
+    scorer = Scorer(FakeSource(rows), reg, emit, lateness_s=0)
+    for i in range(1, 15):
+        scorer.step(now=start + i * WINDOW_SECONDS)
+    assert sent == [] and scorer.stats.unsent == 1 and scorer.stats.anomalies_opened == 1
+    broker_up = True
+    scorer.step(now=start + 15 * WINDOW_SECONDS)
+    assert [e["state"] for e in sent] == ["open"] and scorer.stats.unsent == 0
+
+
+def test_a_service_that_stops_answering_altogether_is_scored_as_no_traffic(tmp_path: Path) -> None:
+    reg = Registry(tmp_path / "models")
+    reg.save(mesh_model("pca"))
+    start = T0 + 1000 * WINDOW_SECONDS
+    rows = normal_windows("payments", 10, seed=51, start=start) + normal_windows("orders", 30, seed=52, start=start,
+                                                                                   latency_ms=20)
+    emitted: list[dict] = []
+    scorer = Scorer(FakeSource(rows), reg, emitted.extend, lateness_s=0)
+    for i in range(1, 31):
+        scorer.step(now=start + i * WINDOW_SECONDS)
+    opened = [e for e in emitted if e["state"] == "open"]
+    assert [e["service"] for e in opened] == ["payments"], emitted
+    assert opened[0]["window"] <= start + 12 * WINDOW_SECONDS
+    assert "request rate" in opened[0]["explanation"]
