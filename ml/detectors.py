@@ -19,8 +19,8 @@ first), so its row ``t`` depends only on rows up to ``t`` and can be scored as i
 
 The threshold is an extreme quantile of normal scores, estimated from the validation
 windows (normal traffic the model did not learn from): a log-normal is fitted to their
-scores and the threshold is its ``1 - false_alarm_rate`` quantile, and never below the
-largest validation score.  Twenty minutes of training leave 30 validation windows, too
+scores (robustly: median and MAD of the log scores) and the threshold is its
+``1 - false_alarm_rate`` quantile, and never below the largest validation score.  Twenty minutes of training leave 30 validation windows, too
 few to read a 1-in-5,000 quantile off directly; the fitted tail extrapolates to it, and
 the scorer's hysteresis (2 of 3 windows) divides what gets through again.
 
@@ -61,9 +61,13 @@ class Detector(ABC):
         self._fit(X[:-n_val])
         # Validation rows are scored in context: the sequence model sees the training rows before them.
         val = self._score(X)[-n_val:]
+        # Robustly: the median and the MAD of the log scores, so that one odd validation window
+        # (a hiccup, or a near-perfect reconstruction) does not swing the fit either way.
         logs = np.log(np.maximum(val, 1e-12))
+        centre = float(np.median(logs))
+        spread = 1.4826 * float(np.median(np.abs(logs - centre)))
         z = NormalDist().inv_cdf(1 - self.false_alarm_rate)
-        self.threshold_ = max(float(np.exp(logs.mean() + z * logs.std())), float(val.max()))
+        self.threshold_ = max(float(np.exp(centre + z * spread)), float(val.max()))
         self.validation_ = {"windows": float(n_val), "score_median": float(np.median(val)),
                             "score_max": float(val.max()), "threshold": self.threshold_}
         return self
