@@ -38,6 +38,10 @@ from typing import Any, ClassVar, Self
 import numpy as np
 
 CLIP = 20.0  # normalised inputs are clipped here: a 1000-sigma value is no more anomalous than a 20-sigma one
+# The smallest typical reconstruction error (normalised units) the autoencoder divides by:
+# a feature that never moved in training is reconstructed perfectly, and must not turn the
+# first tiny error into an infinite score.
+ERROR_FLOOR = 0.05
 
 
 class Detector(ABC):
@@ -202,8 +206,12 @@ class RecurrentAutoencoder(Detector):
 
     The encoder GRU reads the sequence into a small code (``latent`` numbers); the decoder
     GRU unrolls that code back into the whole sequence.  Trained on normal traffic only,
-    it reconstructs normal sequences well and unusual ones badly: a row's score is the
-    mean squared error of its own (last) step, whose per-feature errors explain it."""
+    it reconstructs normal sequences well and unusual ones badly.  A row's score is the
+    mean over features of its own (last) step's squared error, each in units of that
+    feature's typical error on the training rows (as in Malhotra et al., 2016, "LSTM-based
+    encoder-decoder for multi-sensor anomaly detection", with a diagonal covariance): a
+    request rate five times its normal is a large error for a feature the model usually
+    reconstructs to within a few percent, even though it is one feature of eleven."""
 
     name = "gru_ae"
     min_rows = 12
@@ -247,13 +255,17 @@ class RecurrentAutoencoder(Detector):
             if steps >= self.max_steps:
                 break
         self.net_ = net.to("cpu").eval()
+        self.error_scale_ = np.maximum(self._squared_errors(X).mean(axis=0), ERROR_FLOOR**2)
 
-    def _errors(self, X: np.ndarray) -> np.ndarray:
+    def _squared_errors(self, X: np.ndarray) -> np.ndarray:
         import torch
 
         with torch.no_grad():
             x = torch.as_tensor(self._sequences(X), dtype=torch.float32)
             return ((self.net_(x) - x)[:, -1, :] ** 2).double().numpy()
+
+    def _errors(self, X: np.ndarray) -> np.ndarray:
+        return self._squared_errors(X) / self.error_scale_
 
     def _score(self, X: np.ndarray) -> np.ndarray:
         return self._errors(X).mean(axis=1)
@@ -272,7 +284,7 @@ class RecurrentAutoencoder(Detector):
 
         buf = io.BytesIO()
         torch.save(self.net_.state_dict(), buf)
-        return {"n_features": self.net_.n_features, "weights": buf.getvalue()}
+        return {"n_features": self.net_.n_features, "weights": buf.getvalue(), "error_scale": self.error_scale_}
 
     def _set_fitted(self, fitted: Any) -> None:
         import torch
@@ -280,6 +292,7 @@ class RecurrentAutoencoder(Detector):
         net = _net(int(fitted["n_features"]), self.hidden, self.latent)
         net.load_state_dict(torch.load(io.BytesIO(fitted["weights"]), map_location="cpu", weights_only=True))
         self.net_ = net.eval()
+        self.error_scale_ = np.asarray(fitted["error_scale"], dtype=np.float64)
 
 
 def _net(n_features: int, hidden: int, latent: int) -> Any:
