@@ -103,6 +103,8 @@ class Registry:
         return version
 
     def manifest(self, version: str) -> dict[str, Any]:
+        if not _VERSION.fullmatch(version):
+            raise ModelError(f"{version!r} is not a model version (v0001, v0002, ...); `greymesh ml models` lists them")
         path = self.root / version / "manifest.json"
         try:
             doc = json.loads(path.read_text())
@@ -129,16 +131,21 @@ class Registry:
         cls = DETECTORS.get(doc.get("detector", ""))
         if cls is None:
             raise ModelError(f"{path}: unknown detector {doc.get('detector')!r} (known: {', '.join(DETECTORS)})")
-        model = MeshModel(doc["detector"], doc["params"], int(doc["since"]), int(doc["until"]),
-                          skipped=dict(doc.get("skipped", {})))
-        for name, entry in doc["services"].items():
-            file = self.root / version / entry["file"]
+        try:
+            model = MeshModel(doc["detector"], dict(doc["params"]), int(doc["since"]), int(doc["until"]),
+                              skipped=dict(doc.get("skipped", {})))
+            entries = [(name, self.root / version / Path(entry["file"]).name, entry)
+                       for name, entry in dict(doc["services"]).items()]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelError(f"{path}: incomplete manifest ({type(exc).__name__}: {exc}); roll back with "
+                             "`greymesh ml rollback` or train again") from None
+        for name, file, entry in entries:
             try:
                 payload = file.read_bytes()
             except OSError as exc:
                 raise ModelError(f"{file}: cannot read ({exc.strerror}); roll back with `greymesh ml rollback`") \
                     from None
-            if hashlib.sha256(payload).hexdigest() != entry["sha256"]:
+            if hashlib.sha256(payload).hexdigest() != entry.get("sha256"):
                 raise ModelError(f"{file}: checksum does not match its manifest (the file is corrupt or was "
                                  "changed); roll back with `greymesh ml rollback` or train again")
             try:

@@ -7,6 +7,8 @@ scorer inside a running mesh in test_ml_e2e.py.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import pickle
 import subprocess
 import sys
@@ -176,10 +178,15 @@ def test_a_corrupt_or_incompatible_version_is_refused_and_the_previous_one_keeps
     scorer.step(now=T0 + 104 * WINDOW_SECONDS)
     assert scorer.stats.model_version == "v0001"
 
-    # Not a manifest at all, then a rollback past the broken versions.
+    # A manifest that lacks what it needs, then one that is not JSON at all.
+    manifest.write_text(json.dumps({"format": 1, "features": list(NAMES), "detector": "pca"}))
+    with pytest.raises(ModelError, match=r"v0003/manifest\.json: incomplete manifest \(KeyError: 'params'\)"):
+        reg.load()
     manifest.write_text("{not json")
     with pytest.raises(ModelError, match=r"v0003/manifest\.json: not a readable manifest"):
         reg.load()
+    with pytest.raises(ModelError, match=r"'\.\./v0001' is not a model version"):
+        reg.use("../v0001")
     with pytest.raises(ModelError, match="v0002/payments.pkl: checksum"):
         reg.rollback()  # v0002 would not load either: refused, CURRENT stays
     assert reg.current() == "v0003"
@@ -194,9 +201,6 @@ def test_a_model_file_cannot_run_code_when_loaded(tmp_path: Path) -> None:
     target = tmp_path / "models" / "v0001" / "orders.pkl"
     target.write_bytes(evil)
     manifest = tmp_path / "models" / "v0001" / "manifest.json"
-    import hashlib
-    import json
-
     doc = json.loads(manifest.read_text())
     doc["services"]["orders"]["sha256"] = hashlib.sha256(evil).hexdigest()
     manifest.write_text(json.dumps(doc))
