@@ -211,8 +211,11 @@ def load_csv_pair(train_path: Path, test_path: Path, label: str = "label",
     if label in train_header:  # a training file with labels: only its normal rows are used
         normal = _numbers(train_path, train_header, train_rows, [label])[:, 0] == 0
         train = train[normal]
-    n = len(features)
-    norm = Normaliser.fit(train, log=np.zeros(n, dtype=bool), floor=np.full(n, 1e-6))
+    # Columns of any unit: no log scale, and a floor on the spread relative to the column's
+    # own size, so that a column that never moved in training (common in public data sets)
+    # does not turn its first tiny change into a 20-sigma outlier.
+    floor = np.maximum(0.1 * train.std(axis=0), 1e-3 * (1 + np.abs(np.median(train, axis=0))))
+    norm = Normaliser.fit(train, log=np.zeros(len(features), dtype=bool), floor=floor)
     return Labeled(f"{test_path.name}", norm.transform(train), norm.transform(test), labels.astype(np.int8))
 
 
