@@ -17,7 +17,8 @@ hysteresis is not applied):
     event recall            share of anomalous segments (runs of label 1) with at least one
                             window predicted anomalous
     false alarms/h          runs of predicted-anomalous windows that touch no anomalous
-                            segment, per hour of normal (label 0) windows
+                            segment, per hour of normal (label 0) windows, pooled over
+                            series: per hour of one service's normal traffic
     median delay            windows from a detected segment's start to its first detection
     PA-F1                   point-adjusted F1 (a detected segment counts as wholly found):
                             printed for comparison with papers that report it, never alone
