@@ -57,3 +57,19 @@ def test_taps_commands_without_a_running_mesh_say_to_run_up(tmp_path: Path):
     for action in (["query", "SELECT 1"], ["stats"], ["tail"]):
         proc = greymesh("taps", *action, "--data-dir", str(tmp_path))
         assert proc.returncode == 1 and "greymesh up" in proc.stderr, (action, proc.stderr)
+
+
+def test_ml_commands_without_a_running_mesh_say_to_run_up(tmp_path: Path):
+    for args in (("ml", "train"), ("ml", "anomalies")):
+        proc = greymesh(*args, "--data-dir", str(tmp_path))
+        assert proc.returncode == 1, args
+        assert "greymesh up" in proc.stderr and str(tmp_path) in proc.stderr
+    proc = greymesh("ml", "models", "--data-dir", str(tmp_path))
+    assert proc.returncode == 0 and "no models in" in proc.stdout and "greymesh ml train" in proc.stdout
+    proc = greymesh("ml", "train", "--since", "yesterday-ish", "--data-dir", str(tmp_path))
+    assert proc.returncode == 2 and "'yesterday-ish': give an ISO time" in proc.stderr
+
+
+def test_doctor_lists_torch_with_the_pinned_version():
+    proc = greymesh("doctor", "--component", "torch", "--version-only")
+    assert proc.returncode == 0 and proc.stdout.strip() == "2.15.0"
