@@ -1,0 +1,162 @@
+"""Benchmark: the anomaly detector's training cost, scoring cost and accuracy.
+
+    .venv/bin/python tests/benchmarks/bench_ml.py [--services 20] [--hours 24] [--score-services 1000]
+
+1. Training: a day of 10 s windows (8,640) for 20 services, per detector, each in a
+   child process so that its peak memory (ru_maxrss) is its own.  The windows are the
+   recording's normal windows (tests/data/scenarios/) resampled per service with a
+   diurnal swing, so their shape is the real demo mesh's.
+2. Scoring: one round of the scorer (``Scorer.step``) over 1,000 services, each with its
+   model, for the newest window plus its context, from memory (the store's read is
+   measured apart in the audit benchmarks); p50/p99 over ``--rounds`` rounds.
+3. Accuracy: the evaluation table (ml/eval.py) of every detector on the recording.
+
+It prints Markdown to paste into docs/benchmarks-ml.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from ml import eval as ml_eval  # noqa: E402
+from ml.detectors import DETECTORS  # noqa: E402
+from ml.features import ServiceSeries, series_by_service  # noqa: E402
+from ml.model import MeshModel, ServiceModel, train  # noqa: E402
+from ml.registry import Registry  # noqa: E402
+from ml.scorer import Scorer  # noqa: E402
+from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, Window  # noqa: E402
+from tests.benchmarks.procs import machine  # noqa: E402
+
+RECORDING = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "recording.csv"
+T0 = 1_795_000_000
+
+
+def normal_rows(recording: Path) -> dict[str, np.ndarray]:
+    """The recording's training windows, per service, as roll-up value arrays."""
+    import csv
+
+    out: dict[str, list[list[float]]] = {}
+    with recording.open(newline="") as f:
+        for r in csv.DictReader(f):
+            if r["split"] == "train":
+                out.setdefault(r["service"], []).append([float(r[k]) for k in ROLLUP_FIELDS])
+    return {k: np.array(v) for k, v in out.items()}
+
+
+def synthetic_day(recording: Path, services: int, hours: float, seed: int = 0) -> dict[str, ServiceSeries]:
+    base = list(normal_rows(recording).values())
+    rng = np.random.default_rng(seed)
+    n = int(hours * 3600 / WINDOW_SECONDS)
+    counts = [ROLLUP_FIELDS.index(k) for k in ("requests", "errors_4xx", "errors_5xx", "resets", "bytes_in",
+                                               "bytes_out", "authz_denials")]
+    rows: list[Window] = []
+    for s in range(services):
+        pool = base[s % len(base)]
+        picks = pool[rng.integers(0, len(pool), n)]
+        swing = 1 + 0.5 * np.sin(2 * np.pi * np.arange(n) / (86400 / WINDOW_SECONDS) + s)
+        picks[:, counts] *= swing[:, None]
+        rows += [Window(f"svc-{s:04d}", T0 + i * WINDOW_SECONDS, dict(zip(ROLLUP_FIELDS, v))) for i, v in
+                 enumerate(picks.tolist())]
+    return series_by_service(rows)
+
+
+def train_child(recording: Path, detector: str, services: int, hours: float) -> None:
+    """Runs in a child: train, print one JSON line with the time and the peak memory."""
+    series = synthetic_day(recording, services, hours)
+    started = time.perf_counter()
+    model = train(series, detector, since=T0, until=T0 + int(hours * 3600), progress=lambda _: None)
+    took = time.perf_counter() - started
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"detector": detector, "seconds": took, "peak_mib": peak_kib / 1024,
+                      "services": len(model.services), "windows": int(sum(len(s.raw) for s in series.values()))}))
+
+
+class MemorySource:
+    """service_windows from memory, indexed by window, so the round measures scoring only."""
+
+    def __init__(self, rows: list[Window]):
+        self.by_window: dict[int, list[Window]] = {}
+        for w in rows:
+            self.by_window.setdefault(w.window, []).append(w)
+
+    def fetch(self, since: int, until: int, services: list[str] | None = None) -> list[Window]:
+        return [w for t in range(since, until, WINDOW_SECONDS) for w in self.by_window.get(t, [])]
+
+
+def scoring(recording: Path, detector: str, services: int, rounds: int, work: Path) -> dict[str, float]:
+    """Median and p99 seconds of one scorer round over ``services`` services (one model
+    trained, then stored under every service's name: the cost of scoring is the same)."""
+    day = synthetic_day(recording, 1, 2)
+    one = train(day, detector, since=T0, until=T0 + 7200, progress=lambda _: None).services["svc-0000"]
+    names = [f"svc-{i:04d}" for i in range(services)]
+    Registry(work / detector).save(MeshModel(detector, {}, T0, T0 + 7200,
+                                             {n: ServiceModel(n, one.normaliser, one.detector) for n in names}))
+    raw = day["svc-0000"].raw
+    start = T0 + 7200
+    source = MemorySource([Window(n, start + r * WINDOW_SECONDS, dict(zip(ROLLUP_FIELDS, raw[r % len(raw)])))
+                           for r in range(rounds + 9) for n in names])
+    scorer = Scorer(source, Registry(work / detector), lambda events: None, lateness_s=0)
+    scorer.step(now=start + 8 * WINDOW_SECONDS)  # loads the model, scores the first windows
+    times = []
+    for r in range(rounds):
+        t = time.perf_counter()
+        scorer.step(now=start + (9 + r) * WINDOW_SECONDS)
+        times.append(time.perf_counter() - t)
+    return {"p50": float(np.median(times)), "p99": float(np.quantile(times, 0.99)),
+            "per_service_ms": float(np.median(times)) / services * 1000}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--services", type=int, default=20)
+    p.add_argument("--hours", type=float, default=24)
+    p.add_argument("--score-services", type=int, default=1000)
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--detectors", default=",".join(DETECTORS))
+    p.add_argument("--recording", type=Path, default=RECORDING)
+    p.add_argument("--child", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        train_child(args.recording, args.child, args.services, args.hours)
+        return 0
+    detectors = ml_eval.detectors(args.detectors)
+    print(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine()}.\n", flush=True)
+
+    print(f"## Training: {args.hours:g} h of 10 s windows for {args.services} services\n")
+    print("| detector | windows | seconds | s per service | peak memory (MiB) |\n|---|---:|---:|---:|---:|", flush=True)
+    for d in detectors:
+        out = subprocess.run([sys.executable, __file__, "--child", d, "--services", str(args.services),
+                              "--hours", str(args.hours), "--recording", str(args.recording)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"| {d} | {r['windows']:,} | {r['seconds']:.1f} | {r['seconds'] / r['services']:.2f} | "
+              f"{r['peak_mib']:.0f} |", flush=True)
+
+    print(f"\n## Scoring: one round (the newest window of each service) over {args.score_services} services\n")
+    print("| detector | p50 (s) | p99 (s) | per service (ms) |\n|---|---:|---:|---:|", flush=True)
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for d in detectors:
+            r = scoring(args.recording, d, args.score_services, args.rounds, Path(tmp))
+            print(f"| {d} | {r['p50']:.3f} | {r['p99']:.3f} | {r['per_service_ms']:.3f} |", flush=True)
+
+    print("\n## Accuracy on the scenario recording\n")
+    data = ml_eval.load_recording(args.recording)
+    results = {d: ml_eval.evaluate(d, data, progress=lambda _: None) for d in detectors}
+    print("```\n" + ml_eval.table(results) + "```")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
