@@ -96,6 +96,11 @@ class Detector(ABC):
 
     min_rows: ClassVar[int] = 8
 
+    @property
+    def context(self) -> int:
+        """How many windows a row's score depends on (itself and those before it)."""
+        return 1
+
     @abstractmethod
     def _fit(self, X: np.ndarray) -> None: ...
 
@@ -226,6 +231,10 @@ class RecurrentAutoencoder(Detector):
         self.epochs, self.max_steps = epochs, max_steps
         self.batch_size, self.learning_rate = batch_size, learning_rate
         self.device = device
+
+    @property
+    def context(self) -> int:
+        return self.seq_len
 
     def _sequences(self, X: np.ndarray) -> np.ndarray:
         padded = np.concatenate([np.repeat(X[:1], self.seq_len - 1, axis=0), X])

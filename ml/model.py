@@ -16,8 +16,10 @@ import numpy as np
 
 from ml import explain
 from ml.detectors import Detector, make
-from ml.features import Normaliser, ServiceSeries, series_by_service
-from ml.windows import WindowSource
+from ml.features import NAMES, Normaliser, ServiceSeries, series_by_service
+from ml.windows import WINDOW_SECONDS, WindowSource
+
+_RATE = NAMES.index("request_rate")
 
 
 @dataclass
@@ -52,7 +54,7 @@ def train(series: Mapping[str, ServiceSeries], detector: str, params: Mapping[st
     """Fit a detector per service; a service without enough traffic is skipped, with the reason."""
     model = MeshModel(detector, dict(params or {}), since, until)
     for i, (name, s) in enumerate(sorted(series.items()), 1):
-        busy = s.raw[:, 0] * 10 >= min_requests  # windows with traffic
+        busy = s.raw[:, _RATE] * WINDOW_SECONDS >= min_requests  # windows with traffic
         if busy.sum() < len(s.raw) / 2:
             model.skipped[name] = f"traffic in only {int(busy.sum())} of {len(s.raw)} windows"
             progress(f"  [{i}/{len(series)}] {name}: skipped ({model.skipped[name]})")

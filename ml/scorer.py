@@ -194,7 +194,7 @@ class Scorer:
             self.next_window = done - WINDOW_SECONDS
         if done <= self.next_window:
             return []
-        context = max(getattr(sm.detector, "seq_len", 1) for sm in model.services.values()) if model.services else 1
+        context = max((sm.detector.context for sm in model.services.values()), default=1)
         since = self.next_window - (context - 1) * WINDOW_SECONDS
         services = [s for s in model.services if self._mine(s)]
         try:
