@@ -24,7 +24,7 @@ from ml import eval as ml_eval
 from ml.detectors import DEFAULT_DETECTOR, DETECTORS
 from ml.model import TrainingError, train_from
 from ml.registry import ModelError, Registry
-from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError, closed_until
+from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError, closed_until, sql_string
 
 
 def registry_of(data_dir: Path) -> Registry:
@@ -150,7 +150,7 @@ def _score(args: argparse.Namespace) -> int:
 def _anomalies(args: argparse.Namespace) -> int:
     where = f"window >= {int(args.since)}"
     if args.service:
-        where += " AND service = '" + args.service.replace("\\", "\\\\").replace("'", "\\'") + "'"
+        where += f" AND service = {sql_string(args.service)}"
     try:
         columns, rows = _sink(args.data_dir).query(
             "SELECT service, anomaly_id, state, window, score, threshold, peak_score, windows, explanation, "

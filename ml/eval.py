@@ -223,8 +223,11 @@ def load_csv_pair(train_path: Path, test_path: Path, label: str = "label",
 RECORDING_COLUMNS = ("service", "window", *ROLLUP_FIELDS, "label", "scenario", "split")
 
 
-def load_recording(path: Path) -> list[Labeled]:
-    """A scenario recording (ml/scenarios.py) as one Labeled series per service."""
+RecordingMeta = dict[tuple[str, int], tuple[int, str, str]]  # (service, window) -> (label, scenario, split)
+
+
+def read_recording(path: Path) -> tuple[list[Window], RecordingMeta]:
+    """A scenario recording's rows, checked: the roll-up windows and each one's labels."""
     header, rows = _read_csv(path)
     missing = [c for c in RECORDING_COLUMNS if c not in header]
     if missing:
@@ -233,11 +236,17 @@ def load_recording(path: Path) -> list[Labeled]:
     numeric = _numbers(path, header, rows, ["window", *ROLLUP_FIELDS, "label"])
     col = {c: header.index(c) for c in ("service", "scenario", "split")}
     windows: list[Window] = []
-    meta: dict[tuple[str, int], tuple[int, str, str]] = {}
+    meta: RecordingMeta = {}
     for r, row in zip(numeric, rows):
         w = Window(row[col["service"]], int(r[0]), dict(zip(ROLLUP_FIELDS, r[1:-1].tolist())))
         windows.append(w)
         meta[(w.service, w.window)] = (int(r[-1]), row[col["scenario"]], row[col["split"]])
+    return windows, meta
+
+
+def load_recording(path: Path) -> list[Labeled]:
+    """A scenario recording (ml/scenarios.py) as one Labeled series per service."""
+    windows, meta = read_recording(path)
     train_end = max((k[1] for k, v in meta.items() if v[2] == "train"), default=None)
     if train_end is None:
         raise EvalInputError(f"{path}: no row has split 'train'; a recording needs normal windows to train on")

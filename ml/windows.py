@@ -29,6 +29,11 @@ def closed_until(now: float, lateness_s: float = LATENESS_S) -> int:
     return int(now - lateness_s) // WINDOW_SECONDS * WINDOW_SECONDS
 
 
+def sql_string(text: str) -> str:
+    """A ClickHouse string literal of ``text`` (backslashes and quotes escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 class WindowSourceError(Exception):
     """The store could not be read; the message says where and what to do."""
 
@@ -55,7 +60,7 @@ class SinkWindows:
         """Windows that start in [since, until), every service unless ``services`` is given."""
         where = f"window >= toDateTime({int(since)}) AND window < toDateTime({int(until)})"
         if services:
-            names = ", ".join("'" + s.replace("\\", "\\\\").replace("'", "\\'") + "'" for s in services)
+            names = ", ".join(map(sql_string, services))
             where += f" AND service IN ({names})"
         sql = (f"SELECT service, toUInt32(window) AS w, {', '.join(ROLLUP_FIELDS)} FROM service_windows "
                f"WHERE {where} ORDER BY w, service")

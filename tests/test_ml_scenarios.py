@@ -14,22 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ml.eval import load_recording
+from ml.eval import load_recording, read_recording
 from ml.features import NAMES, ServiceSeries, series_by_service
 from ml.model import MeshModel, train
 from ml.scenarios import Phase, load_phases
 from ml.scorer import Tracker
-from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, Window
+from ml.windows import WINDOW_SECONDS
 
 DATA = Path(__file__).parent / "data" / "scenarios"
-
-
-def read_windows() -> list[Window]:
-    import csv
-
-    with (DATA / "recording.csv").open(newline="") as f:
-        return [Window(r["service"], int(r["window"]), {k: float(r[k]) for k in ROLLUP_FIELDS})
-                for r in csv.DictReader(f)]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def phases() -> list[Phase]:
 @pytest.fixture(scope="module")
 def recording(phases: list[Phase]) -> tuple[MeshModel, dict[str, ServiceSeries]]:
     train_end = next(p.end for p in phases if p.name == "train")
-    series = series_by_service(read_windows())
+    series = series_by_service(read_recording(DATA / "recording.csv")[0])
     training = {name: ServiceSeries(name, s.start, s.raw[s.windows + WINDOW_SECONDS <= train_end])
                 for name, s in series.items()}
     model = train(training, "gru_ae", since=min(s.start for s in series.values()), until=int(train_end),

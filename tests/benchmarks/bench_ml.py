@@ -43,13 +43,11 @@ T0 = 1_795_000_000
 
 def normal_rows(recording: Path) -> dict[str, np.ndarray]:
     """The recording's training windows, per service, as roll-up value arrays."""
-    import csv
-
+    windows, meta = ml_eval.read_recording(recording)
     out: dict[str, list[list[float]]] = {}
-    with recording.open(newline="") as f:
-        for r in csv.DictReader(f):
-            if r["split"] == "train":
-                out.setdefault(r["service"], []).append([float(r[k]) for k in ROLLUP_FIELDS])
+    for w in windows:
+        if meta[(w.service, w.window)][2] == "train":
+            out.setdefault(w.service, []).append([w.values[k] for k in ROLLUP_FIELDS])
     return {k: np.array(v) for k, v in out.items()}
 
 
