@@ -192,9 +192,10 @@ AUTO_TRAIN_MINUTES = 20  # traffic the scorer waits for before it trains the fir
 HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, AUTHZ, KAFKA, KAFKA_CONTROLLER, TAPS_GRPC, TAPS_HTTP, SINK_HTTP)
 
 
-def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
+def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress, auto_train_minutes: float | None) -> None:
     """The audit pipe: Kafka (local unless one was given), the host's tap collector,
-    and the sink that stores the topics (embedded chdb unless a store was given)."""
+    the sink that stores the topics (embedded chdb unless a store was given), and the
+    anomaly scorer (which trains the first model itself unless auto_train_minutes is None)."""
     from audit import kafka as broker
     from tapstream import schema
     from tapstream.service import ALERTS_TOPIC
@@ -234,12 +235,11 @@ def _start_taps(dd: DataDir, state: RuntimeState, progress: Progress) -> None:
     _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[TAPS_HTTP]}/stats"), "the tap collector", dd.log("taps"), progress)
     _wait(lambda: _http_ok(f"http://{HOST}:{state.ports[SINK_HTTP]}/stats"),
           f"the tap store sink ({state.store or 'embedded chdb'}, migrations)", dd.log("sink"), progress)
-    # The anomaly scorer trains the first model itself after AUTO_TRAIN_MINUTES of traffic
-    # (or takes the one `greymesh ml train` stores before that).
+    # The scorer takes the model `greymesh ml train` stores, or trains one itself.
     _start(dd, state, "scorer", [
         sys.executable, "-m", "ml.scorer", "--sink-url", f"http://{HOST}:{state.ports[SINK_HTTP]}",
         "--kafka", bootstrap, "--registry", str(dd.models), "--stats", str(dd.scorer_stats),
-        "--auto-train-minutes", str(AUTO_TRAIN_MINUTES),
+        *(["--auto-train-minutes", str(auto_train_minutes)] if auto_train_minutes is not None else []),
     ])
     state.save(dd.state)
 
@@ -358,13 +358,15 @@ def up(
     watch: bool = True,
     kafka: str | None = None,
     store: str | None = None,
+    auto_train_minutes: float | None = AUTO_TRAIN_MINUTES,
     progress: Progress = print,
 ) -> RuntimeState:
     """Start (or complete) the mesh described by spec_path; return once it serves.
 
     ``kafka`` (bootstrap servers, or "local") and ``store`` (a tap store URL, or "chdb")
     point the audit pipe at existing clusters; by default a local broker and an embedded
-    store are run, and None keeps what this data dir used last."""
+    store are run, and None keeps what this data dir used last.  The anomaly scorer
+    trains the first model after ``auto_train_minutes`` of traffic (None: never)."""
     spec = load_spec(spec_path)  # SpecError if invalid: nothing is started
     if kafka is not None and kafka != LOCAL_KAFKA and not _BOOTSTRAP.fullmatch(kafka):
         raise MeshRuntimeError(f"--kafka {kafka!r}: expected host:port[,host:port...] (the brokers' client "
@@ -389,7 +391,7 @@ def up(
         _allocate(state, dd.root, [*HOST_KEYS, *(f"{i.name}.{r}" for _, i in instances for r in _ROLES)])
         placement = placement_of(spec, state)
         write_atomic(dd.placement, placement.to_json())
-        _start_taps(dd, state, progress)
+        _start_taps(dd, state, progress, auto_train_minutes)
         _start_policy_engine(dd, state, progress)
         cp_argv = _greymesh(
             "run-controlplane", "--data-dir", str(dd.root),

@@ -200,7 +200,9 @@ def record(out_dir: Path, *, train_s: float, holdout_s: float, fault_s: float, r
     shutil.copyfile(DEMO_SPEC, spec)
     phases_path = out_dir / "phases.jsonl"
     phases_path.unlink(missing_ok=True)
-    runtime.up(dd, spec, load_rps=0, watch=False, store=store, progress=progress)
+    # No automatic first model: training takes both cores for a minute, which would land
+    # inside a scenario and be recorded as part of it.
+    runtime.up(dd, spec, load_rps=0, watch=False, store=store, auto_train_minutes=None, progress=progress)
     state = runtime.RuntimeState.load(dd.state)
     traffic = Traffic(state.entrypoint or "", base_rps)
     mesh = Mesh(dd, spec, traffic)
