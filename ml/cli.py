@@ -94,9 +94,15 @@ def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) 
     sp = msub.add_parser("eval", help="precision/recall/F1, event recall, false alarms/h, delay per detector")
     src = sp.add_mutually_exclusive_group(required=True)
     src.add_argument("--recording", type=Path, help="a scenario recording (greymesh ml record)")
-    src.add_argument("--train", type=Path, help="a CSV of normal data (with --test)")
-    sp.add_argument("--test", type=Path, help="a CSV with the same columns and a 0/1 label column")
+    src.add_argument("--test", type=Path, nargs="+", metavar="CSV",
+                     help="labeled CSV file(s), each a series of its own (with --train or --train-rows)")
+    fit_on = sp.add_mutually_exclusive_group()
+    fit_on.add_argument("--train", type=Path, metavar="CSV", help="a CSV of normal data, fitted for every test file")
+    fit_on.add_argument("--train-rows", type=int, metavar="N",
+                        help="fit on the first N rows of each test file instead (those labeled 0)")
     sp.add_argument("--label-column", default="label")
+    sp.add_argument("--ignore-columns", default="", metavar="A,B",
+                    help="columns that are neither features nor the label (e.g. a second label)")
     sp.add_argument("--seconds-per-row", type=float, default=WINDOW_SECONDS,
                     help="a CSV row's time span, for false alarms per hour (default: %(default)s)")
     sp.add_argument("--detectors", default=",".join(DETECTORS), help="comma-separated (default: all)")
@@ -205,12 +211,19 @@ def _rollback(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     try:
         chosen = ml_eval.detectors(args.detectors)
+        ignore = [c.strip() for c in args.ignore_columns.split(",") if c.strip()]
         if args.recording:
+            if args.train is not None or args.train_rows is not None:
+                raise ml_eval.EvalInputError("--recording carries its own training windows; --train and "
+                                             "--train-rows go with --test")
             data = ml_eval.load_recording(args.recording)
+        elif args.train is not None:
+            data = [ml_eval.load_csv_pair(args.train, test, args.label_column, ignore) for test in args.test]
+        elif args.train_rows is not None:
+            data = [ml_eval.load_csv_split(test, args.train_rows, args.label_column, ignore) for test in args.test]
         else:
-            if args.test is None:
-                raise ml_eval.EvalInputError("--train needs --test: the labeled CSV to evaluate on")
-            data = [ml_eval.load_csv_pair(args.train, args.test, args.label_column)]
+            raise ml_eval.EvalInputError("--test needs --train (a CSV of normal data) or --train-rows N (fit on "
+                                         "the first N rows of each test file)")
     except ml_eval.EvalInputError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2

@@ -5,10 +5,12 @@ Two kinds of input:
 * a scenario recording (ml/scenarios.py): per service, its ``train`` windows fit the
   detector, its ``test`` windows (faults, recoveries and an hour of normal traffic) are
   scored and compared with the ``label`` column;
-* any labeled multivariate series as two CSV files, a training file of normal data and
-  a test file with a 0/1 label column, so public benchmarks can be used as they are.
-  Every other column must be numeric; a column named ``timestamp`` or ``time`` is
-  ignored.
+* any labeled multivariate series as CSV files with a 0/1 label column, so public
+  benchmarks can be used as they are: a training file of normal data for one or more
+  test files, or (``train_rows``, SKAB's protocol) the first rows of each test file as
+  its own training data (in either case only the rows labeled 0 are fitted).  The delimiter (``,``, ``;`` or tab) is read from the header
+  line; every column but the label, ``timestamp``/``time``/``datetime`` and the ones
+  asked to be ignored must be numeric.
 
 Metrics, per detector, on the raw per-window predictions (``predict``; the scorer's
 hysteresis is not applied):
@@ -140,10 +142,17 @@ def evaluate(detector: str, data: Sequence[Labeled], params: dict[str, Any] | No
 
 # --- inputs -----------------------------------------------------------------------
 
+_DELIMITERS = ",;\t"
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[list[str]]]:
     try:
         with path.open(newline="") as f:
-            rows = list(csv.reader(f))
+            first = f.readline()
+            f.seek(0)
+            # The header line's most frequent candidate: public data sets use all three.
+            delimiter = max(_DELIMITERS, key=first.count)
+            rows = list(csv.reader(f, delimiter=delimiter))
     except OSError as exc:
         raise EvalInputError(f"{path}: cannot read ({exc.strerror})") from None
     except (csv.Error, UnicodeDecodeError) as exc:
@@ -181,43 +190,80 @@ def _numbers(path: Path, header: list[str], rows: list[list[str]], columns: list
     return out
 
 
-_IGNORED = {"timestamp", "time"}
+_TIME_COLUMNS = {"timestamp", "time", "datetime"}
 
 
-def load_csv_pair(train_path: Path, test_path: Path, label: str = "label",
-                  min_train_rows: int = 32) -> Labeled:
-    """A training CSV (normal rows) and a test CSV with a 0/1 ``label`` column, checked."""
-    train_header, train_rows = _read_csv(train_path)
-    test_header, test_rows = _read_csv(test_path)
-    if label not in test_header:
-        raise EvalInputError(f"{test_path}: no {label!r} column (columns: {', '.join(test_header)}); the test file "
+def _feature_columns(path: Path, header: list[str], label: str, ignore: Sequence[str]) -> list[str]:
+    if label not in header:
+        raise EvalInputError(f"{path}: no {label!r} column (columns: {', '.join(header)}); the test file "
                              f"needs a 0/1 label column, or name it with --label-column")
-    features = [c for c in test_header if c != label and c.lower() not in _IGNORED]
-    missing = [c for c in features if c not in train_header]
-    if missing:
-        raise EvalInputError(f"{train_path}: lacks column(s) {', '.join(missing)} that {test_path} has")
+    unknown = [c for c in ignore if c not in header]
+    if unknown:
+        raise EvalInputError(f"{path}: --ignore-columns names {', '.join(unknown)}, which it does not have "
+                             f"(columns: {', '.join(header)})")
+    features = [c for c in header if c != label and c not in ignore and c.lower() not in _TIME_COLUMNS]
     if not features:
-        raise EvalInputError(f"{test_path}: no feature columns besides {label!r}")
-    if len(train_rows) < min_train_rows:
-        raise EvalInputError(f"{train_path}: {len(train_rows)} rows; at least {min_train_rows} rows of normal data "
-                             "are needed to fit and validate a detector")
-    if not test_rows:
-        raise EvalInputError(f"{test_path}: no rows to evaluate")
-    train = _numbers(train_path, train_header, train_rows, features)
-    test = _numbers(test_path, test_header, test_rows, features)
-    labels = _numbers(test_path, test_header, test_rows, [label])[:, 0]
+        raise EvalInputError(f"{path}: no feature columns besides {label!r}")
+    return features
+
+
+def _labels(path: Path, header: list[str], rows: list[list[str]], label: str) -> np.ndarray:
+    labels = _numbers(path, header, rows, [label])[:, 0]
     bad = np.flatnonzero((labels != 0) & (labels != 1))
     if len(bad):
-        raise EvalInputError(f"{test_path}:{bad[0] + 2}: {label!r} is {labels[bad[0]]:g}; labels must be 0 or 1")
-    if label in train_header:  # a training file with labels: only its normal rows are used
-        normal = _numbers(train_path, train_header, train_rows, [label])[:, 0] == 0
-        train = train[normal]
+        raise EvalInputError(f"{path}:{bad[0] + 2}: {label!r} is {labels[bad[0]]:g}; labels must be 0 or 1")
+    return labels.astype(np.int8)
+
+
+def _labeled(name: str, train: np.ndarray, test: np.ndarray, labels: np.ndarray) -> Labeled:
     # Columns of any unit: no log scale, and a floor on the spread relative to the column's
     # own size, so that a column that never moved in training (common in public data sets)
     # does not turn its first tiny change into a 20-sigma outlier.
     floor = np.maximum(0.1 * train.std(axis=0), 1e-3 * (1 + np.abs(np.median(train, axis=0))))
-    norm = Normaliser.fit(train, log=np.zeros(len(features), dtype=bool), floor=floor)
-    return Labeled(f"{test_path.name}", norm.transform(train), norm.transform(test), labels.astype(np.int8))
+    norm = Normaliser.fit(train, log=np.zeros(train.shape[1], dtype=bool), floor=floor)
+    return Labeled(name, norm.transform(train), norm.transform(test), labels)
+
+
+def load_csv_pair(train_path: Path, test_path: Path, label: str = "label", ignore: Sequence[str] = (),
+                  min_train_rows: int = 32) -> Labeled:
+    """A training CSV (normal rows) and a test CSV with a 0/1 ``label`` column, checked."""
+    train_header, train_rows = _read_csv(train_path)
+    test_header, test_rows = _read_csv(test_path)
+    features = _feature_columns(test_path, test_header, label, ignore)
+    missing = [c for c in features if c not in train_header]
+    if missing:
+        raise EvalInputError(f"{train_path}: lacks column(s) {', '.join(missing)} that {test_path} has")
+    if not test_rows:
+        raise EvalInputError(f"{test_path}: no rows to evaluate")
+    train = _numbers(train_path, train_header, train_rows, features)
+    if label in train_header:  # a training file with labels: only its normal rows are used
+        train = train[_labels(train_path, train_header, train_rows, label) == 0]
+    if len(train) < min_train_rows:
+        raise EvalInputError(f"{train_path}: {len(train)} rows of normal data; at least {min_train_rows} are needed "
+                             "to fit and validate a detector")
+    test = _numbers(test_path, test_header, test_rows, features)
+    return _labeled(test_path.name, train, test, _labels(test_path, test_header, test_rows, label))
+
+
+def load_csv_split(test_path: Path, train_rows: int, label: str = "label", ignore: Sequence[str] = (),
+                   min_train_rows: int = 32) -> Labeled:
+    """One labeled CSV whose first ``train_rows`` rows train (those labeled 0) and the rest test."""
+    if train_rows < min_train_rows:
+        raise EvalInputError(f"--train-rows {train_rows}: at least {min_train_rows} rows of normal data are needed "
+                             "to fit and validate a detector")
+    header, rows = _read_csv(test_path)
+    features = _feature_columns(test_path, header, label, ignore)
+    if len(rows) <= train_rows:
+        raise EvalInputError(f"{test_path}: {len(rows)} rows, none left to evaluate after the first {train_rows} "
+                             f"(--train-rows)")
+    labels = _labels(test_path, header, rows, label)
+    normal = labels[:train_rows] == 0  # as with a labeled training file, only normal rows are fitted
+    if normal.sum() < min_train_rows:
+        raise EvalInputError(f"{test_path}: {int(normal.sum())} of the first {train_rows} rows (--train-rows) are "
+                             f"labeled 0; at least {min_train_rows} rows of normal data are needed to fit and validate "
+                             "a detector")
+    X = _numbers(test_path, header, rows, features)
+    return _labeled(test_path.name, X[:train_rows][normal], X[train_rows:], labels[train_rows:])
 
 
 RECORDING_COLUMNS = ("service", "window", *ROLLUP_FIELDS, "label", "scenario", "split")

@@ -288,7 +288,7 @@ def test_a_labeled_csv_pair_is_evaluated(tmp_path: Path) -> None:
 @pytest.mark.parametrize("case, message", [
     ("no_label", r"test\.csv: no 'label' column \(columns: a, b\)"),
     ("text", r"test\.csv:4: column 'b' is 'fast', not a number"),
-    ("few", r"train\.csv: 5 rows; at least 32 rows of normal data"),
+    ("few", r"train\.csv: 5 rows of normal data; at least 32 are needed"),
     ("label_2", r"test\.csv:3: 'label' is 2; labels must be 0 or 1"),
     ("columns", r"train\.csv: lacks column\(s\) b that .*test\.csv has"),
     ("ragged", r"test\.csv:5: 2 fields, but the header has 3"),
@@ -313,6 +313,43 @@ def test_a_bad_eval_csv_is_refused_with_the_file_line_and_column(tmp_path: Path,
         ml_eval.load_csv_pair(tr, te)
 
 
+def write_skab_like(path: Path, rows: int, fault: range, seed: int) -> Path:
+    """A public benchmark's shape (SKAB): ';'-separated, a datetime column, two label columns."""
+    rng = np.random.default_rng(seed)
+    with path.open("w") as f:
+        f.write("datetime;Current;Pressure;Volume Flow RateRMS;anomaly;changepoint\n")
+        for i in range(rows):
+            x = rng.normal(size=3) + (8 if i in fault else 0)
+            f.write(f"2020-03-09 10:{i // 60:02d}:{i % 60:02d};{x[0]:.4f};{x[1]:.4f};{x[2]:.4f};"
+                    f"{float(i in fault)};{float(i == fault.start)}\n")
+    return path
+
+
+def test_public_benchmark_files_are_evaluated_as_they_are(tmp_path: Path) -> None:
+    tests = [write_skab_like(tmp_path / f"{n}.csv", 300, range(200 + 10 * n, 230 + 10 * n), seed=n) for n in (0, 1)]
+    data = [ml_eval.load_csv_split(t, 150, "anomaly", ignore=["changepoint"]) for t in tests]
+    assert [d.train.shape for d in data] == [(150, 3), (150, 3)]  # datetime and changepoint are not features
+    assert [int(d.labels.sum()) for d in data] == [30, 30]
+    m = ml_eval.evaluate("pca", data, seconds_per_row=1, progress=lambda _: None)
+    assert m.events == 2 and m.event_recall == 1.0 and m.recall > 0.9
+    overlapping = ml_eval.load_csv_split(tests[0], 220, "anomaly", ignore=["changepoint"])
+    assert overlapping.train.shape == (200, 3)  # rows 200..219 are labeled: not fitted
+
+
+@pytest.mark.parametrize("train_rows, fault, ignore, message", [
+    (100, range(20, 290), ["changepoint"], r"0\.csv: 20 of the first 100 rows \(--train-rows\) are labeled 0; at "
+                                            r"least 32 rows of normal data"),
+    (300, range(200, 230), ["changepoint"], r"0\.csv: 300 rows, none left to evaluate after the first 300"),
+    (10, range(200, 230), ["changepoint"], r"--train-rows 10: at least 32 rows of normal data"),
+    (150, range(200, 230), ["changepoints"], r"0\.csv: --ignore-columns names changepoints, which it does not have"),
+])
+def test_a_bad_train_rows_split_is_refused_with_the_file_and_the_fix(tmp_path: Path, train_rows: int, fault: range,
+                                                                      ignore: list[str], message: str) -> None:
+    test = write_skab_like(tmp_path / "0.csv", 300, fault, seed=0)
+    with pytest.raises(ml_eval.EvalInputError, match=message):
+        ml_eval.load_csv_split(test, train_rows, "anomaly", ignore)
+
+
 def test_greymesh_ml_eval_refuses_a_bad_csv_with_exit_2(tmp_path: Path) -> None:
     tr = write_csv(tmp_path / "train.csv", ["a"], [[i] for i in range(40)])
     te = write_csv(tmp_path / "test.csv", ["a"], [[1]])
@@ -320,6 +357,9 @@ def test_greymesh_ml_eval_refuses_a_bad_csv_with_exit_2(tmp_path: Path) -> None:
                            str(te)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "refused:" in done.stderr and "no 'label' column" in done.stderr and not done.stdout
+    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "ml", "eval", "--test", str(te)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--test needs --train (a CSV of normal data) or --train-rows N" in done.stderr
 
 
 def test_a_scorer_with_an_empty_registry_trains_the_first_model_after_enough_traffic(tmp_path: Path) -> None:
