@@ -20,9 +20,10 @@ first), so its row ``t`` depends only on rows up to ``t`` and can be scored as i
 The threshold is an extreme quantile of normal scores, estimated from the validation
 windows (normal traffic the model did not learn from): a log-normal is fitted to their
 scores (robustly: median and MAD of the log scores) and the threshold is its
-``1 - false_alarm_rate`` quantile, and never below the largest validation score.  Twenty minutes of training leave 30 validation windows, too
-few to read a 1-in-5,000 quantile off directly; the fitted tail extrapolates to it, and
-the scorer's hysteresis (2 of 3 windows) divides what gets through again.
+``1 - false_alarm_rate`` quantile, and never below the largest validation score.
+Twenty minutes of training leave 30 validation windows, too few to read a 1-in-5,000
+quantile off directly; the fitted tail extrapolates to it, and the scorer's hysteresis
+(2 of 3 windows) divides what gets through again.
 
 Detectors are seeded and deterministic; the autoencoder trains on the CPU unless a GPU
 is present (``device``) and always scores from weights kept on the CPU.
@@ -48,6 +49,7 @@ class Detector(ABC):
     """The shared part: validation split, threshold, predict and (de)serialisation."""
 
     name: ClassVar[str]
+    min_rows: ClassVar[int] = 8  # windows to fit on, besides the validation ones
     threshold_: float
     validation_: dict[str, float]
 
@@ -93,8 +95,6 @@ class Detector(ABC):
         if X.ndim != 2 or not np.isfinite(X).all():
             raise ValueError(f"expected a finite 2-d array (windows x features), got shape {X.shape}")
         return np.clip(X, -CLIP, CLIP)
-
-    min_rows: ClassVar[int] = 8
 
     @property
     def context(self) -> int:

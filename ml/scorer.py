@@ -5,7 +5,7 @@ closed: a window ``[w, w+10)`` is read once ``lateness_s`` has passed after its 
 the access logs of its requests have reached the store (Envoy flushes every second, the
 sink stores every half second).  Each service's new windows are scored by the current
 model with the ``seq_len`` windows before them as context, and go through that
-service's :class:`Hysteresis`:
+service's :class:`Tracker`:
 
     opens      when ``raise_hits`` of the last ``raise_span`` windows are above the
                threshold (2 of 3: one noisy window raises nothing, a signal that flaps
@@ -21,10 +21,10 @@ The model is re-read from the registry when its CURRENT changes; a version that 
 not load is logged and the one already loaded keeps scoring.  With ``auto_train_s``, a
 scorer whose registry is empty trains the first version itself once it has seen that
 much traffic (what ``greymesh up`` does, so the demo needs no manual step); any later
-version comes from ``greymesh ml train``.  The scorer keeps no
-state that matters across restarts but the open anomalies, which a restart resolves
-implicitly (it starts from the newest closed window): any number of scorers can run,
-one per partition of the services (``--shard i/n``).
+version comes from ``greymesh ml train``.  The scorer keeps no state that matters
+across restarts but the open anomalies, which a restart resolves implicitly (it starts
+from the newest closed window): any number of scorers can run, one per partition of
+the services (``--shard i/n``).
 """
 
 from __future__ import annotations
@@ -241,6 +241,9 @@ class Scorer:
             self.stats.unsent = len(self._unsent)
             log.warning("could not send %d anomaly events (%s); retrying next round", len(self._unsent), exc)
             return
+        for e in self._unsent:  # once each, when sent: a retried batch is not logged again
+            log.warning("anomaly %s: %s (score %.3g, threshold %.3g, window %d)", e["state"], e["explanation"],
+                        e["score"], e["threshold"], e["window"])
         self._unsent, self.stats.unsent = [], 0
 
     def _event(self, service: str, state: str, op: _Open, window: int, score: float, threshold: float, text: str,
@@ -266,8 +269,6 @@ def kafka_emitter(bootstrap: str) -> Callable[[list[dict[str, Any]]], None]:
         by_service: dict[str, list[dict[str, Any]]] = {}
         for e in events:
             by_service.setdefault(e["service"], []).append(e)
-            log.warning("anomaly %s: %s (score %.3g, threshold %.3g, window %d)", e["state"], e["explanation"],
-                        e["score"], e["threshold"], e["window"])
         futures = [producer.send(schema.ANOMALY_TOPIC, key=s.encode(), value=json.dumps(evs).encode())
                    for s, evs in by_service.items()]
         for f in futures:
@@ -290,6 +291,14 @@ def run(scorer: Scorer, stats_path: Path | None, stop: threading.Event, interval
         stop.wait(interval_s)
 
 
+def _shard(text: str) -> tuple[int, int]:
+    index, slash, count = text.partition("/")
+    if not (slash and index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected i/n with 0 <= i < n (this scorer's share of the "
+                                         "services), e.g. 0/1 for all of them")
+    return int(index), int(count)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ml.scorer", description="Score new windows into anomaly events.")
     p.add_argument("--sink-url", required=True, help="the sink's API, http://127.0.0.1:PORT")
@@ -297,15 +306,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--stats", type=Path, help="write the scorer's state here (JSON) every round")
     p.add_argument("--lateness", type=float, default=LATENESS_S, help="seconds after a window ends before it is scored")
-    p.add_argument("--shard", default="0/1", help="i/n: score the services whose name hashes to i of n")
+    p.add_argument("--shard", type=_shard, default=(0, 1), help="i/n: score the services whose name hashes to i "
+                   "of n (default: all)")
     p.add_argument("--auto-train-minutes", type=float,
                    help="with no model yet, train the first one after this much traffic")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    index, _, count = args.shard.partition("/")
     scorer = Scorer(SinkWindows(args.sink_url), Registry(args.registry), kafka_emitter(args.kafka),
-                    lateness_s=args.lateness, shard=(int(index), int(count or 1)),
+                    lateness_s=args.lateness, shard=args.shard,
                     auto_train_s=None if args.auto_train_minutes is None else args.auto_train_minutes * 60)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

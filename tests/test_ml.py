@@ -420,3 +420,20 @@ def test_a_service_that_stops_answering_altogether_is_scored_as_no_traffic(tmp_p
     assert [e["service"] for e in opened] == ["payments"], emitted
     assert opened[0]["window"] <= start + 12 * WINDOW_SECONDS
     assert "request rate" in opened[0]["explanation"]
+
+
+@pytest.mark.parametrize("shard", ["2/2", "x/4", "1"])
+def test_a_bad_shard_is_refused_before_the_scorer_starts(tmp_path: Path, shard: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "ml.scorer", "--sink-url", "http://127.0.0.1:9", "--kafka",
+                           "127.0.0.1:9", "--registry", str(tmp_path), "--shard", shard],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert f"--shard: {shard!r}: expected i/n with 0 <= i < n" in done.stderr
+
+
+def test_shards_split_the_services_between_scorers(tmp_path: Path) -> None:
+    names = [f"svc-{i}" for i in range(40)]
+    owned = [{n for n in names if Scorer(FakeSource([]), Registry(tmp_path), lambda e: None, shard=(i, 3))._mine(n)}
+             for i in range(3)]
+    assert set().union(*owned) == set(names) and sum(map(len, owned)) == len(names)
+    assert all(owned)
