@@ -4,8 +4,8 @@ Every detector has the same interface, so the scorer, the registry and the evalu
 treat them alike:
 
     fit(X)              learn normal from X: (n_windows, n_features), oldest first, already
-                        normalised (ml.features.Normaliser).  The last ``validation_fraction``
-                        of the rows is held back and fixes ``threshold_``.
+                        normalised (ml.features.Normaliser), and fix ``threshold_`` from
+                        scores of windows the model did not learn from (below)
     score_samples(X)    one score per row, **higher is more anomalous** (the opposite of
                         scikit-learn's IsolationForest.score_samples, so that thresholds and
                         scores read the same way for every detector)
@@ -17,13 +17,17 @@ Rows are consecutive 10 s windows; the recurrent autoencoder reads each row toge
 with the ``seq_len - 1`` rows before it (the first rows are padded with copies of the
 first), so its row ``t`` depends only on rows up to ``t`` and can be scored as it lands.
 
-The threshold is an extreme quantile of normal scores, estimated from the validation
-windows (normal traffic the model did not learn from): a log-normal is fitted to their
-scores (robustly: median and MAD of the log scores) and the threshold is its
-``1 - false_alarm_rate`` quantile, and never below the largest validation score.
-Twenty minutes of training leave 30 validation windows, too few to read a 1-in-5,000
-quantile off directly; the fitted tail extrapolates to it, and the scorer's hysteresis
-(2 of 3 windows) divides what gets through again.
+The threshold is an extreme quantile of normal scores, estimated from cross-validated
+scores: the rows are cut into blocks of ``BLOCK_WINDOWS`` and the blocks dealt round-robin
+into ``folds`` folds, so every fold spans the whole training range (its slow drifts
+and daily rhythm); a model fitted without one fold scores that fold, fold after fold
+until ``min_validation`` windows are scored (a day of windows needs one fold, twenty
+minutes all four), and the model kept is then fitted on every row.  A log-normal is
+fitted to the held-out scores (robustly: median and MAD of the log scores) and the
+threshold is its ``1 - false_alarm_rate`` quantile, never below the largest held-out
+score; the scorer's hysteresis (2 of 3 windows) divides what gets through again.
+Holding out only the last quarter of twenty minutes left 30 windows to fix the
+threshold with, and which 30 decided it: docs/benchmarks-ml.md has the numbers.
 
 Detectors are seeded and deterministic; the autoencoder trains on the CPU unless a GPU
 is present (``device``) and always scores from weights kept on the CPU.
@@ -32,12 +36,14 @@ is present (``device``) and always scores from weights kept on the CPU.
 from __future__ import annotations
 
 import io
+import itertools
 from abc import ABC, abstractmethod
 from statistics import NormalDist
 from typing import Any, ClassVar, Self
 
 import numpy as np
 
+BLOCK_WINDOWS = 10  # cross-validation deals blocks of this many consecutive windows into folds
 CLIP = 20.0  # normalised inputs are clipped here: a 1000-sigma value is no more anomalous than a 20-sigma one
 # The smallest typical reconstruction error (normalised units) the autoencoder divides by:
 # a feature that never moved in training is reconstructed perfectly, and must not turn the
@@ -49,33 +55,49 @@ class Detector(ABC):
     """The shared part: validation split, threshold, predict and (de)serialisation."""
 
     name: ClassVar[str]
-    min_rows: ClassVar[int] = 8  # windows to fit on, besides the validation ones
+    min_rows: ClassVar[int] = 8  # windows to fit on, besides a held-out fold
     threshold_: float
     validation_: dict[str, float]
 
-    def __init__(self, *, seed: int = 0, validation_fraction: float = 0.25, false_alarm_rate: float = 2e-4):
+    def __init__(self, *, seed: int = 0, folds: int = 4, min_validation: int = 500, false_alarm_rate: float = 2e-4):
         self.seed = seed
-        self.validation_fraction = validation_fraction
+        self.folds, self.min_validation = folds, min_validation
         self.false_alarm_rate = false_alarm_rate
+
+    def _folds(self, n: int) -> np.ndarray:
+        """The fold of each of n rows.  Blocks shrink for short series, so that every fold
+        still holds several of them."""
+        block = max(1, min(BLOCK_WINDOWS, n // (2 * self.folds)))
+        return (np.arange(n) // block) % self.folds
+
+    def _fits(self, n: int) -> bool:
+        return n - int(np.bincount(self._folds(n)).max()) >= self.min_rows
 
     def fit(self, X: np.ndarray) -> Self:
         X = self._check(X)
-        n_val = max(1, int(len(X) * self.validation_fraction))
-        if len(X) - n_val < self.min_rows:
-            raise ValueError(f"{self.name}: need at least {self.min_rows + n_val} windows of normal traffic to fit "
-                             f"and validate, got {len(X)}; train on a longer range")
-        self._fit(X[:-n_val])
-        # Validation rows are scored in context: the sequence model sees the training rows before them.
-        val = self._score(X)[-n_val:]
-        # Robustly: the median and the MAD of the log scores, so that one odd validation window
+        if not self._fits(len(X)):
+            needed = next(n for n in itertools.count(len(X) + 1) if self._fits(n))
+            raise ValueError(f"{self.name}: need at least {needed} windows of normal traffic to fit and validate, "
+                             f"got {len(X)}; train on a longer range")
+        fold_of = self._folds(len(X))
+        held_out: list[np.ndarray] = []
+        for fold in range(self.folds):
+            self._fit(X, fold_of != fold)
+            held_out.append(self._score(X)[fold_of == fold])
+            if sum(map(len, held_out)) >= self.min_validation:
+                break
+        self._fit(X, np.ones(len(X), dtype=bool))
+        val = np.concatenate(held_out)
+        # Robustly: the median and the MAD of the log scores, so that one odd held-out window
         # (a hiccup, or a near-perfect reconstruction) does not swing the fit either way.
         logs = np.log(np.maximum(val, 1e-12))
         centre = float(np.median(logs))
         spread = 1.4826 * float(np.median(np.abs(logs - centre)))
         z = NormalDist().inv_cdf(1 - self.false_alarm_rate)
         self.threshold_ = max(float(np.exp(centre + z * spread)), float(val.max()))
-        self.validation_ = {"windows": float(n_val), "score_median": float(np.median(val)),
-                            "score_max": float(val.max()), "threshold": self.threshold_}
+        self.validation_ = {"windows": float(len(val)), "folds": float(len(held_out)),
+                            "score_median": float(np.median(val)), "score_max": float(val.max()),
+                            "threshold": self.threshold_}
         return self
 
     def score_samples(self, X: np.ndarray) -> np.ndarray:
@@ -102,7 +124,9 @@ class Detector(ABC):
         return 1
 
     @abstractmethod
-    def _fit(self, X: np.ndarray) -> None: ...
+    def _fit(self, X: np.ndarray, rows: np.ndarray) -> None:
+        """Learn from the rows of X where ``rows`` (a boolean mask) is set; the others are
+        held out, but a sequence model may read them as context, never as targets."""
 
     @abstractmethod
     def _score(self, X: np.ndarray) -> np.ndarray: ...
@@ -124,7 +148,7 @@ class Detector(ABC):
         return det
 
     def get_params(self) -> dict[str, Any]:
-        return {"seed": self.seed, "validation_fraction": self.validation_fraction,
+        return {"seed": self.seed, "folds": self.folds, "min_validation": self.min_validation,
                 "false_alarm_rate": self.false_alarm_rate}
 
     @abstractmethod
@@ -143,10 +167,10 @@ class IsolationForestDetector(Detector):
         super().__init__(**kw)
         self.n_estimators = n_estimators
 
-    def _fit(self, X: np.ndarray) -> None:
+    def _fit(self, X: np.ndarray, rows: np.ndarray) -> None:
         from sklearn.ensemble import IsolationForest
 
-        self.model_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X)
+        self.model_ = IsolationForest(n_estimators=self.n_estimators, random_state=self.seed).fit(X[rows])
 
     def _score(self, X: np.ndarray) -> np.ndarray:
         return -self.model_.score_samples(X)
@@ -176,7 +200,8 @@ class PCADetector(Detector):
         super().__init__(**kw)
         self.variance = variance
 
-    def _fit(self, X: np.ndarray) -> None:
+    def _fit(self, X: np.ndarray, rows: np.ndarray) -> None:
+        X = X[rows]
         self.mean_ = X.mean(axis=0)
         _, s, vt = np.linalg.svd(X - self.mean_, full_matrices=False)
         explained = np.cumsum(s**2) / max(float((s**2).sum()), 1e-12)
@@ -236,25 +261,32 @@ class RecurrentAutoencoder(Detector):
     def context(self) -> int:
         return self.seq_len
 
-    def _sequences(self, X: np.ndarray) -> np.ndarray:
-        padded = np.concatenate([np.repeat(X[:1], self.seq_len - 1, axis=0), X])
-        idx = np.arange(len(X))[:, None] + np.arange(self.seq_len)[None, :]
-        return padded[idx]  # (n, seq_len, n_features)
+    def _positions(self, n: int) -> np.ndarray:
+        """(n, seq_len): the rows making up each row's sequence, the first row standing in
+        for the ones before the start."""
+        return np.maximum(np.arange(n)[:, None] + np.arange(self.seq_len)[None, :] - (self.seq_len - 1), 0)
 
-    def _fit(self, X: np.ndarray) -> None:
+    def _sequences(self, X: np.ndarray) -> np.ndarray:
+        return X[self._positions(len(X))]  # (n, seq_len, n_features)
+
+    def _fit(self, X: np.ndarray, rows: np.ndarray) -> None:
         import torch
 
         torch.manual_seed(self.seed)
         device = self.device or ("cuda" if torch.cuda.is_available() else "cpu")
         net = _net(X.shape[1], self.hidden, self.latent).to(device)
-        seqs = torch.as_tensor(self._sequences(X), dtype=torch.float32, device=device)
+        positions = self._positions(len(X))[rows]  # the sequences ending in a row to learn from
+        seqs = torch.as_tensor(X[positions], dtype=torch.float32, device=device)
+        # Held-out rows inside a sequence are read as context but never reconstructed: the
+        # loss leaves them out, so the network is not taught the windows that validate it.
+        weights = torch.as_tensor(rows[positions], dtype=torch.float32, device=device)[..., None]
         opt = torch.optim.Adam(net.parameters(), lr=self.learning_rate)
         gen = torch.Generator().manual_seed(self.seed)
         steps = 0
         for _ in range(self.epochs):
             for batch in torch.randperm(len(seqs), generator=gen).split(self.batch_size):
-                x = seqs[batch.to(device)]
-                loss = torch.mean((net(x) - x) ** 2)
+                x, w = seqs[batch.to(device)], weights[batch.to(device)]
+                loss = torch.sum((net(x) - x) ** 2 * w) / (torch.sum(w) * x.shape[-1])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -264,7 +296,7 @@ class RecurrentAutoencoder(Detector):
             if steps >= self.max_steps:
                 break
         self.net_ = net.to("cpu").eval()
-        self.error_scale_ = np.maximum(self._squared_errors(X).mean(axis=0), ERROR_FLOOR**2)
+        self.error_scale_ = np.maximum(self._squared_errors(X)[rows].mean(axis=0), ERROR_FLOOR**2)
 
     def _squared_errors(self, X: np.ndarray) -> np.ndarray:
         import torch

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from ml.eval import load_recording, read_recording
-from ml.features import NAMES, ServiceSeries, series_by_service
+from ml.features import ServiceSeries, series_by_service
 from ml.model import MeshModel, train
 from ml.scenarios import Phase, load_phases
 from ml.scorer import Tracker
@@ -71,27 +71,7 @@ def test_a_latency_fault_on_payments_is_detected_within_3_windows(recording, pha
     assert first_window <= opened[0] <= first_window + 2 * WINDOW_SECONDS, (opened, first_window)
 
 
-def host_wide_slowdowns(series: dict[str, ServiceSeries], phases: list[Phase]) -> set[int]:
-    """Windows in which every service's p95 latency was at least twice its training median:
-    the host, not a service, slowed down (2 cores shared by 5 Envoys, Kafka, the store ...)."""
-    train_end = phases[0].end
-    p95 = NAMES.index("latency_p95_ms")
-    slow: set[int] | None = None
-    for s in series.values():
-        normal = np.median(s.raw[s.windows + WINDOW_SECONDS <= train_end, p95])
-        mine = {int(w) for w, v in zip(s.windows, s.raw[:, p95]) if v >= 2 * normal}
-        slow = mine if slow is None else slow & mine
-    return slow or set()
-
-
-def test_in_an_hour_of_normal_traffic_anomalies_come_only_from_host_wide_slowdowns(recording, phases) -> None:
-    """The issue asks for no anomaly at all in an hour of normal traffic.  This recording's
-    hour does not meet that: at 12:19:40 UTC every service's p95 latency went to 2-3x its
-    normal for 30 s (a host-wide slowdown; no process logged anything), and the
-    autoencoder raised one anomaly on frontend and orders (6 windows).  What is asserted
-    is what the recording shows: outside windows at most 3 after a host-wide slowdown, no
-    anomaly; and at most one per service in the whole hour.  A cleaner hour is to be
-    recorded on an idle machine (see docs/benchmarks-ml.md)."""
+def test_an_hour_of_normal_traffic_raises_no_anomaly(recording, phases) -> None:
     model, series = recording
     holdout = phases[-1]
     assert holdout.name == "holdout"
@@ -100,13 +80,8 @@ def test_in_an_hour_of_normal_traffic_anomalies_come_only_from_host_wide_slowdow
     start = (int(holdout.start) // WINDOW_SECONDS + 1) * WINDOW_SECONDS
     end = int(holdout.end) // WINDOW_SECONDS * WINDOW_SECONDS
     assert (end - start) / 3600 >= 0.99
-    slow = {w for w in host_wide_slowdowns(series, phases) if start <= w < end}
-    assert len(slow) <= 6  # rare: this exemption cannot hide a detector that fires all hour
-    near_slow = {w + k * WINDOW_SECONDS for w in slow for k in range(4)}
     for name, s in series.items():
-        opened = [w for w, what in replay(model, s, start, end) if what == "open"]
-        assert len(opened) <= 1, (name, opened)
-        assert set(opened) <= near_slow, (name, opened, sorted(slow))
+        assert replay(model, s, start, end) == [], name
 
 
 def test_the_eval_loader_reads_the_recording_per_service(phases: list[Phase]) -> None:
