@@ -106,6 +106,9 @@ def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) 
     sp.add_argument("--seconds-per-row", type=float, default=WINDOW_SECONDS,
                     help="a CSV row's time span, for false alarms per hour (default: %(default)s)")
     sp.add_argument("--detectors", default=",".join(DETECTORS), help="comma-separated (default: all)")
+    sp.add_argument("--false-alarm-rate", type=float, default=2e-4, metavar="RATE",
+                    help="the share of normal windows each threshold lets through (default: %(default)s, what the "
+                         "scorer uses; public leaderboards often work at 0.01)")
     sp.set_defaults(func=_eval)
 
     sp = msub.add_parser("record", help="run the fault scenarios on a mesh of its own and record labeled windows")
@@ -211,6 +214,9 @@ def _rollback(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     try:
         chosen = ml_eval.detectors(args.detectors)
+        if not 0 < args.false_alarm_rate < 0.5:
+            raise ml_eval.EvalInputError(f"--false-alarm-rate {args.false_alarm_rate:g}: give a share of normal "
+                                         "windows between 0 and 0.5, e.g. 0.01")
         ignore = [c.strip() for c in args.ignore_columns.split(",") if c.strip()]
         if args.recording:
             if args.train is not None or args.train_rows is not None:
@@ -231,7 +237,8 @@ def _eval(args: argparse.Namespace) -> int:
     for name in chosen:
         started = time.monotonic()
         print(f"{name}: fitting and scoring {len(data)} series", flush=True)
-        results[name] = ml_eval.evaluate(name, data, seconds_per_row=args.seconds_per_row,
+        results[name] = ml_eval.evaluate(name, data, {"false_alarm_rate": args.false_alarm_rate},
+                                         seconds_per_row=args.seconds_per_row,
                                          progress=lambda m: print(m, flush=True))
         print(f"{name}: done in {time.monotonic() - started:.1f} s", flush=True)
     print()

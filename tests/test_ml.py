@@ -97,6 +97,18 @@ def test_fitting_twice_with_one_seed_gives_the_same_scores(name: str) -> None:
     assert a.threshold_ == b.threshold_
 
 
+def test_the_false_alarm_rate_sets_the_operating_point() -> None:
+    rng = np.random.default_rng(7)
+    X, fresh = rng.normal(size=(400, 5)), rng.normal(size=(4000, 5))
+    paging, loose = make("pca").fit(X), make("pca", false_alarm_rate=0.05).fit(X)
+    assert paging.validation_["windows"] == 400  # every row scored by a model that did not learn it
+    assert paging.threshold_ >= paging.validation_["score_max"]  # 1 in 5,000: above all 400
+    assert loose.threshold_ < loose.validation_["score_max"]
+    share = float((loose.score_samples(fresh) > loose.threshold_).mean())
+    assert 0.01 < share < 0.12, share
+    assert float((paging.score_samples(fresh) > paging.threshold_).mean()) < 0.005
+
+
 def test_too_little_training_data_is_refused_with_the_numbers() -> None:
     with pytest.raises(ValueError, match=r"gru_ae: need at least \d+ windows .* got 10"):
         make("gru_ae").fit(np.zeros((10, len(FEATURES))))
@@ -360,6 +372,10 @@ def test_greymesh_ml_eval_refuses_a_bad_csv_with_exit_2(tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, "-m", "controlplane.cli", "ml", "eval", "--test", str(te)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--test needs --train (a CSV of normal data) or --train-rows N" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "ml", "eval", "--train", str(tr), "--test",
+                           str(te), "--false-alarm-rate", "2"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--false-alarm-rate 2: give a share of normal windows between 0 and 0.5" \
+        in done.stderr
 
 
 def test_a_scorer_with_an_empty_registry_trains_the_first_model_after_enough_traffic(tmp_path: Path) -> None:
