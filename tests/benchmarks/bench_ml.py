@@ -99,9 +99,9 @@ def scoring(recording: Path, detector: str, services: int, rounds: int, work: Pa
     names = [f"svc-{i:04d}" for i in range(services)]
     Registry(work / detector).save(MeshModel(detector, {}, T0, T0 + 7200,
                                              {n: ServiceModel(n, one.normaliser, one.detector) for n in names}))
-    raw = day["svc-0000"].raw
+    rollups = next(iter(normal_rows(recording).values()))  # normal windows: a round opens no anomaly
     start = T0 + 7200
-    source = MemorySource([Window(n, start + r * WINDOW_SECONDS, dict(zip(ROLLUP_FIELDS, raw[r % len(raw)])))
+    source = MemorySource([Window(n, start + r * WINDOW_SECONDS, dict(zip(ROLLUP_FIELDS, rollups[r % len(rollups)])))
                            for r in range(rounds + 9) for n in names])
     scorer = Scorer(source, Registry(work / detector), lambda events: None, lateness_s=0)
     scorer.step(now=start + 8 * WINDOW_SECONDS)  # loads the model, scores the first windows
