@@ -61,6 +61,8 @@ class Detector(ABC):
     validation_: dict[str, float]
 
     def __init__(self, *, seed: int = 0, folds: int = 4, min_validation: int = 500, false_alarm_rate: float = 2e-4):
+        if folds < 2:
+            raise ValueError(f"folds={folds}: cross-validation needs at least 2 folds (one held out, one fitted)")
         self.seed = seed
         self.folds, self.min_validation = folds, min_validation
         self.false_alarm_rate = false_alarm_rate

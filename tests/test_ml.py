@@ -114,6 +114,8 @@ def test_too_little_training_data_is_refused_with_the_numbers() -> None:
         make("gru_ae").fit(np.zeros((10, len(FEATURES))))
     with pytest.raises(ValueError, match="finite 2-d array"):
         make("pca").fit(np.full((50, len(FEATURES)), np.nan))
+    with pytest.raises(ValueError, match="folds=1: cross-validation needs at least 2 folds"):
+        make("pca", folds=1)
 
 
 def test_features_are_ratios_and_rates_of_the_rollup() -> None:
