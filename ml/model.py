@@ -54,6 +54,7 @@ def train(series: Mapping[str, ServiceSeries], detector: str, params: Mapping[st
     """Fit a detector per service; a service without enough traffic is skipped, with the reason."""
     model = MeshModel(detector, dict(params or {}), since, until)
     for i, (name, s) in enumerate(sorted(series.items()), 1):
+        s = _without_first_traffic(s)
         busy = s.raw[:, _RATE] * WINDOW_SECONDS >= min_requests  # windows with traffic
         if busy.sum() < len(s.raw) / 2:
             model.skipped[name] = f"traffic in only {int(busy.sum())} of {len(s.raw)} windows"
@@ -69,6 +70,18 @@ def train(series: Mapping[str, ServiceSeries], detector: str, params: Mapping[st
         model.services[name] = ServiceModel(name, normaliser, det)
         progress(f"  [{i}/{len(series)}] {name}: {len(s.raw)} windows, threshold {det.threshold_:.4g}")
     return model
+
+
+def _without_first_traffic(s: ServiceSeries) -> ServiceSeries:
+    """The series after its first window with traffic.  That window is where the store's
+    record of the service begins, and is usually where the service (or the mesh) started:
+    partly empty, with the 5xx of sidecars not yet ready.  Learnt from, it is also scored
+    when cross-validating, and its score then sets the threshold far above any fault."""
+    busy = np.flatnonzero(s.raw[:, _RATE] > 0)
+    if not len(busy):
+        return s
+    cut = int(busy[0]) + 1
+    return ServiceSeries(s.service, s.start + cut * WINDOW_SECONDS, s.raw[cut:])
 
 
 class TrainingError(Exception):

@@ -440,6 +440,20 @@ def test_a_service_that_stops_answering_altogether_is_scored_as_no_traffic(tmp_p
     assert "request rate" in opened[0]["explanation"]
 
 
+def test_the_window_where_traffic_began_does_not_set_the_threshold() -> None:
+    """A mesh's first window is partial and carries the 5xx of sidecars not yet ready.
+    Cross-validated, it used to be scored as held out and become the threshold (700x the
+    median score), so a 250 ms fault on a 5 ms service raised nothing."""
+    rows = normal_windows("payments", 18, seed=4)
+    rows[0] = Window("payments", rows[0].window, {**rows[0].values, "requests": 72.0, "errors_5xx": 2.0})
+    model = train(series_by_service(rows), "gru_ae", since=T0, until=T0 + 180, progress=lambda _: None)
+    sm = model.services["payments"]
+    assert sm.detector.validation_["windows"] == 17  # the first window is not learnt from
+    slow = series_by_service(rows[1:] + with_latency(normal_windows("payments", 3, seed=5, start=T0 + 180), 50.0))
+    scores, _ = sm.score(slow["payments"].raw)
+    assert (scores[-3:] > sm.detector.threshold_).all(), (scores[-3:], sm.detector.threshold_)
+
+
 @pytest.mark.parametrize("shard", ["2/2", "x/4", "1"])
 def test_a_bad_shard_is_refused_before_the_scorer_starts(tmp_path: Path, shard: str) -> None:
     done = subprocess.run([sys.executable, "-m", "ml.scorer", "--sink-url", "http://127.0.0.1:9", "--kafka",
