@@ -8,9 +8,10 @@ Two kinds of input:
 * any labeled multivariate series as CSV files with a 0/1 label column, so public
   benchmarks can be used as they are: a training file of normal data for one or more
   test files, or (``train_rows``, SKAB's protocol) the first rows of each test file as
-  its own training data (in either case only the rows labeled 0 are fitted).  The delimiter (``,``, ``;`` or tab) is read from the header
-  line; every column but the label, ``timestamp``/``time``/``datetime`` and the ones
-  asked to be ignored must be numeric.
+  its own training data (in either case only the rows labeled 0 are fitted).  The
+  delimiter (``,``, ``;`` or tab) is read from the header line; every column but the
+  label, ``timestamp``/``time``/``datetime`` and the ones asked to be ignored must be
+  numeric.
 
 Metrics, per detector, on the raw per-window predictions (``predict``; the scorer's
 hysteresis is not applied):
