@@ -1,5 +1,5 @@
-"""Audit store stage: Kafka -> ClickHouse sink, schema migrations, roll-ups and compliance queries.
+"""Audit data at rest: the Kafka -> store sink, the store (chdb or a ClickHouse server),
+its migrations and roll-ups; the tamper-evident trail and compliance exports will live here.
 
-Owned stage in the data flow: sidecar -> tapstream -> Kafka -> **store** -> ml -> actions/console.
-Built by the audit-taps issue; nothing lives here yet.
+Stage in the data flow: sidecar -> tapstream -> Kafka -> **audit** -> ml -> actions/console.
 """

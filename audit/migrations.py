@@ -8,7 +8,7 @@ every statement is idempotent (IF NOT EXISTS), so a migration interrupted by a c
 simply run again.  A new table or view is a new migration at the end; an applied
 migration is never edited, since stores that already recorded it would not see the edit.
 
-Tables (migration 1), built from :data:`tapstream.schema.COLUMNS`, one per layer:
+Tables (migration 1), built from :data:`core.contracts.COLUMNS`, one per layer:
 ``tap_l3``, ``tap_l4``, ``tap_l7``, ``tap_audit``; and (migration 3) ``anomalies``, the
 ml stage's anomaly events.  Besides the event's own columns each
 has ``ts`` (DateTime, the event's second, derived from ``time_us``), and ``kpartition``
@@ -25,7 +25,7 @@ with direction inbound or ingress):
     errors_4xx        UInt64    of them answered 400-499
     errors_5xx        UInt64    of them answered 500-599
     resets            UInt64    of them reset rather than answered (a response flag in
-                                tapstream.schema.RESET_FLAGS)
+                                core.contracts.RESET_FLAGS)
     latency_p50_ms    Float64   median of duration_us, in milliseconds
     latency_p95_ms    Float64   95th percentile, in milliseconds
     latency_p99_ms    Float64   99th percentile, in milliseconds
@@ -49,11 +49,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tapstream.schema import COLUMNS, LAYERS, RESET_FLAGS, Layer
+from core.contracts import COLUMNS, LAYERS, RESET_FLAGS, ROLLUP_FIELDS, WINDOW_SECONDS, Layer
 
 TABLES: dict[Layer, str] = {layer: f"tap_{layer}" for layer in LAYERS} | {"anomaly": "anomalies"}
 LEDGER = "schema_migrations"
-WINDOW_SECONDS = 10
 QUANTILES = (0.5, 0.95, 0.99)
 
 
@@ -128,6 +127,8 @@ _VIEW: tuple[tuple[str, str], ...] = (
     ("authz_denials", "countIfMerge(authz_denials_state)"),
 )
 ROLLUP_COLUMNS: tuple[str, ...] = ("service", "window", *(name for name, _ in _VIEW))
+# The view is the contract the ml stage reads (core.contracts.ROLLUP_FIELDS): they must agree.
+assert ROLLUP_COLUMNS[2:] == ROLLUP_FIELDS, "service_windows and core.contracts.ROLLUP_FIELDS disagree"
 
 
 def _rollup(db: str) -> list[str]:

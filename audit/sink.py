@@ -45,8 +45,8 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from audit.store import Store, StoreError, open_store, table_for
-from controlplane.jsonhttp import JsonHandler, serve
-from tapstream import schema
+from core import contracts
+from core.jsonhttp import JsonHandler, serve
 
 log = logging.getLogger("greymesh.sink")
 
@@ -62,22 +62,22 @@ BATCH_ROWS = 50_000
 BATCH_S = 0.5
 
 EVENT_ID = 1  # the column index of event_id in every layer (asserted below)
-assert all(names.index("event_id") == EVENT_ID for names in schema.NAMES.values())
+assert all(names.index("event_id") == EVENT_ID for names in contracts.NAMES.values())
 _INT_RANGE = {"UInt8": 1 << 8, "UInt16": 1 << 16, "UInt32": 1 << 32, "UInt64": 1 << 64}
 
 
 class Malformed(ValueError):
-    """A record or event that does not follow tapstream.schema."""
+    """A record or event that does not follow tapstream.contracts."""
 
 
 class EventDecoder:
     """Turns one layer's records into checked row tuples in the store's column order."""
 
-    def __init__(self, layer: schema.Layer, max_record_bytes: int = MAX_RECORD_BYTES):
+    def __init__(self, layer: contracts.Layer, max_record_bytes: int = MAX_RECORD_BYTES):
         self.layer = layer
         self.max_record_bytes = max_record_bytes
-        self.names = schema.NAMES[layer]
-        kinds = [kind for _, kind, _ in schema.COLUMNS[layer]]
+        self.names = contracts.NAMES[layer]
+        kinds = [kind for _, kind, _ in contracts.COLUMNS[layer]]
         # Checked with C-level calls only (this runs for every event): the exact type of
         # every column at once, then the integer columns against their bounds.
         self._types = tuple(int if kind in _INT_RANGE else float if kind == "Float64" else str for kind in kinds)
@@ -143,7 +143,7 @@ class RecentIds:
 @dataclass
 class SinkStats:
     records: int = 0  # Kafka records consumed
-    rows: dict[str, int] = field(default_factory=lambda: {t: 0 for t in schema.LAYERS})  # inserted, by layer
+    rows: dict[str, int] = field(default_factory=lambda: {t: 0 for t in contracts.LAYERS})  # inserted, by layer
     duplicates: int = 0  # events dropped as already stored
     malformed_records: int = 0
     malformed_events: int = 0
@@ -157,10 +157,10 @@ class Sink:
     """Consumes the tap topics into ``store``; call :meth:`run` (or :meth:`step` in tests)."""
 
     def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP,
-                 layers: Iterable[schema.Layer] = schema.LAYERS, max_poll_records: int = 2_000,
+                 layers: Iterable[contracts.Layer] = contracts.LAYERS, max_poll_records: int = 2_000,
                  max_record_bytes: int = MAX_RECORD_BYTES):
         self.store = store
-        self.decoders = {schema.topic(layer): EventDecoder(layer, max_record_bytes) for layer in layers}
+        self.decoders = {contracts.topic(layer): EventDecoder(layer, max_record_bytes) for layer in layers}
         self.windows: dict[TopicPartition, RecentIds] = {}
         self.stats = SinkStats()
         self.store_lock = threading.Lock()  # the store is shared with the query API's threads
@@ -187,7 +187,7 @@ class Sink:
         """Start a newly assigned partition's window with what the store already has from
         it, from a little before the committed offset on."""
         committed = self.consumer.committed(tp) or 0
-        table = table_for(schema.layer_of_topic(tp.topic))
+        table = table_for(contracts.layer_of_topic(tp.topic))
         with self.store_lock:
             ids = self._retrying(lambda: self.store.existing_event_ids(table, tp.partition,
                                                                        max(0, committed - SEED_RECORDS)))
@@ -258,9 +258,9 @@ class Sink:
         return rows
 
     def _insert(self, topic: str, rows: list[tuple[Any, ...]]) -> None:
-        layer = schema.layer_of_topic(topic)
+        layer = contracts.layer_of_topic(topic)
         table = table_for(layer)
-        columns = (*schema.NAMES[layer], "kpartition", "koffset")
+        columns = (*contracts.NAMES[layer], "kpartition", "koffset")
         pending = rows
         delay = 0.2
         while pending:

@@ -20,6 +20,7 @@ decision costs a loopback hop, not an extra process per sidecar.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
@@ -35,9 +36,11 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from core.contracts import DECISION_PATH
+
 log = logging.getLogger("greymesh.authz")
 
-DECISION_PATH = "/v1/data/greymesh/authz/decision"
+DECISION_URL_PATH = f"/v1/data/{DECISION_PATH}"
 # Below the sidecars' ext_authz timeout (500 ms): the bridge gives up before Envoy does.
 OPA_TIMEOUT_S = 0.4
 # Never sent to the policy engine (and so never into decision logs).
@@ -97,7 +100,7 @@ class OpaClient(threading.local):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             try:
-                self.conn.request("POST", DECISION_PATH, body, {"Content-Type": "application/json"})
+                self.conn.request("POST", DECISION_URL_PATH, body, {"Content-Type": "application/json"})
                 resp = self.conn.getresponse()
                 raw = resp.read()
                 break
@@ -155,3 +158,23 @@ def serve(host: str, port: int, opa_host: str, opa_port: int, workers: int = 16)
     server.start()
     log.info("authorization bridge on %s:%d asking OPA at %s:%d", host, port, opa_host, opa_port)
     return server
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controlplane.authz`: the host's ext_authz bridge (a workload of the runtime)."""
+    p = argparse.ArgumentParser(prog="python -m controlplane.authz",
+                                description="Run the ext_authz bridge between the sidecars and OPA.")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--opa-port", type=int, required=True)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        serve(args.host, args.port, "127.0.0.1", args.opa_port).wait_for_termination()
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

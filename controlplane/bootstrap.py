@@ -6,9 +6,8 @@ file never changes while the mesh runs; a sidecar is configured without restarts
 
 from __future__ import annotations
 
-from typing import Literal
+from core.endpoints import XdsApi
 
-XdsApi = Literal["delta", "sotw"]
 XDS_CLUSTER = "greymesh_xds"
 
 

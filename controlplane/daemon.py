@@ -8,34 +8,37 @@ leaves every sidecar on the config it has.
 
 Admin API (HTTP/JSON, loopback by default): ``GET /healthz``, ``GET /status``,
 ``POST /apply`` (body: mesh.yaml text; 200 with the nodes that changed, 400 with the
-problems), ``POST /ca/rotate`` (rotate the mesh root; 409 if a sidecar did not follow).
+problems), ``POST /placement`` (read placement.json again: instances added, removed,
+serving or draining), ``POST /ca/rotate`` (rotate the mesh root; 409 if a sidecar did
+not follow).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import hashlib
 import json
 import logging
 import threading
 import time
-import urllib.request
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from controlplane import jsonhttp
+from controlplane import policy
 from controlplane.identity import CertificateAuthority, Svid, needs_renewal
 from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
-from controlplane.placement import Placement
-from controlplane.policy import MESH_DATA_PATH
-from controlplane.runtime import DataDir, write_atomic
+from controlplane.placement import Placement, placed_spec
 from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import start_ads_server
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import NodeStatus
+from core import jsonhttp
+from core.contracts import MESH_DATA_PATH
+from core.datadir import DataDir, write_atomic
 
 log = logging.getLogger("greymesh.controlplane")
 
@@ -64,13 +67,15 @@ class ControlPlane:
         self.cache = SnapshotCache()
         self.nodes = NodeStatus()
         self.applied: Applied | None = None
-        self.spec: MeshSpec | None = None
+        self.declared: MeshSpec | None = None  # the applied spec as written
+        self.spec: MeshSpec | None = None  # ... with the instances the placement has
         self.placement: Placement | None = None
         self.last_rejected: dict | None = None
         self.svids: dict[str, Svid] = {}  # by node id
         self._cas: dict[str, CertificateAuthority] = {}  # by trust domain
         self._rotating = False  # a root rotation is under way: no routine renewals
         self._lock = asyncio.Lock()
+        self._watching = False  # watch() runs
 
     async def apply(self, text: str, source: str) -> list[str]:
         """Validate, translate and swap in a spec; return the node ids whose config changed.
@@ -79,8 +84,8 @@ class ControlPlane:
         """
         async with self._lock:
             try:
-                spec = parse_spec(text, source=source)
-                placement = self._placement(spec, source)
+                declared = parse_spec(text, source=source)
+                spec, placement = self._placed(declared, source)
                 snapshots = build_snapshots(spec, placement, self._identities(spec))
             except SpecError as exc:
                 self.last_rejected = {"source": source, "at": time.time(), "errors": str(exc).splitlines()}
@@ -90,8 +95,10 @@ class ControlPlane:
             changed = self._swap(snapshots)
             if source != str(self.dd.spec):
                 write_atomic(self.dd.spec, text)
+                if Path(source).is_absolute():  # `up FILE` / `apply FILE`: FILE is the one watched now
+                    write_atomic(self.dd.spec_source, source)
             self.applied = Applied(source, _sha256(text), time.time(), spec.name)
-            self.spec, self.placement = spec, placement
+            self.declared, self.spec, self.placement = declared, spec, placement
             self._journal("applied", source, text, changed=sorted(changed))
             log.info("applied %s (%s): %d sidecar(s) changed %s", source, self.applied.sha256[:12],
                      len(changed), sorted(changed))
@@ -191,19 +198,30 @@ class ControlPlane:
                     "are still trusted, so nothing is broken: bring those sidecars back, then rotate again")
             await asyncio.sleep(0.05)
 
-    def _placement(self, spec: MeshSpec, source: str) -> Placement:
+    def _placed(self, declared: MeshSpec, source: str) -> tuple[MeshSpec, Placement]:
+        """The spec with the instances the placement has (placed_spec); SpecError if they disagree."""
         placement = Placement.load(self.dd.placement)
-        missing = [i.name for s in spec.services for i in s.instances if i.name not in placement.sidecars]
-        if missing:
-            raise SpecError(source, [Problem(
-                "services", f"instance(s) {', '.join(missing)} are new and have no sidecar yet: "
-                "run `greymesh up <file>` to place and start them")])
-        return placement
+        spec, problems = placed_spec(declared, placement)
+        if problems:
+            raise SpecError(source, [Problem("services", p) for p in problems])
+        return spec, placement
+
+    async def replace_placement(self) -> list[str]:
+        """Read placement.json again (instances added, removed, serving or not); return the
+        nodes whose config changed.  SpecError (nothing changed) if it does not fit the spec."""
+        if self.declared is None:
+            raise SpecError(str(self.dd.placement), [Problem("services", "no spec applied yet")])
+        async with self._lock:
+            spec, placement = self._placed(self.declared, str(self.dd.placement))
+            changed = self._swap(build_snapshots(spec, placement, self._identities(spec)))
+            self.spec, self.placement = spec, placement
+        log.info("placement changed: %d sidecar(s) get new config %s", len(changed), sorted(changed))
+        return sorted(changed)
 
     def _journal(self, outcome: str, source: str, text: str, **extra: object) -> None:
         """Append-only record of every spec offered to the control plane."""
         entry = {"at": time.time(), "outcome": outcome, "source": source, "sha256": _sha256(text), **extra}
-        with open(self.dd.root / "applies.jsonl", "a", encoding="utf-8") as fh:
+        with open(self.dd.applies_journal, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
     def status(self) -> dict:
@@ -216,16 +234,37 @@ class ControlPlane:
             for inst in svc.instances:
                 if inst.name in nodes:
                     nodes[inst.name].update(service=svc.name, fail_open=svc.fail_open)
+        watched = self.watched()
         return {
             "spec": vars(self.applied) if self.applied else None,
+            "watching": str(watched) if watched and self._watching else None,
             "last_rejected": self.last_rejected,
             "nodes": nodes,
         }
 
-    async def watch(self, path: Path) -> None:
-        """Apply path whenever its content changes; a bad edit is logged and skipped."""
+    def watched(self) -> Path | None:
+        """The spec file `up FILE` or `apply FILE` named last (the data dir's spec-source)."""
+        try:
+            return Path(self.dd.spec_source.read_text(encoding="utf-8").strip())
+        except OSError:
+            return None
+
+    async def watch(self) -> None:
+        """Apply the watched file whenever its content changes; a bad edit is logged and skipped.
+
+        The rule (docs/ARCHITECTURE.md, "One spec"): the spec that runs is the data dir's
+        mesh.yaml, the last one accepted; the file watched is the one `up FILE` or
+        `apply FILE` named last, so an apply moves the watch with it."""
+        self._watching = True
         last_seen: str | None = None
+        watching: Path | None = None
         while True:
+            path = self.watched()
+            if path != watching:
+                watching, last_seen = path, None
+            if path is None:
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                continue
             try:
                 sha = _sha256(text := path.read_text(encoding="utf-8"))
             except OSError as exc:
@@ -269,8 +308,17 @@ def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, 
                 except RotationError as exc:
                     self.send_json(409, {"errors": [str(exc)]})
                 return
+            if self.path == "/placement":
+                try:
+                    changed = asyncio.run_coroutine_threadsafe(cp.replace_placement(), loop).result(60)
+                except SpecError as exc:
+                    self.send_json(400, {"errors": str(exc).splitlines()})
+                else:
+                    self.send_json(200, {"changed": changed})
+                return
             if self.path != "/apply":
-                self.send_json(404, {"errors": [f"no such endpoint {self.path}; try POST /apply or /ca/rotate"]})
+                self.send_json(404, {"errors": [f"no such endpoint {self.path}; try POST /apply, /placement or "
+                                                "/ca/rotate"]})
                 return
             length = int(self.headers.get("Content-Length") or 0)
             if length > MAX_SPEC_BYTES:
@@ -301,10 +349,8 @@ async def sync_policy_data(cp: ControlPlane, opa_url: str) -> None:
     """Keep OPA's copy of the mesh (identities, tags, who calls whom) equal to the spec's.
 
     Checked every second rather than pushed once, because OPA keeps data in memory:
-    after OPA restarts, its policy comes back from disk and its data from here.
+    after OPA restarts, its data comes back from here (and its policy from the runtime).
     """
-    from controlplane import policy
-
     pushed_for: MeshSpec | None = None
     while True:
         spec = cp.spec
@@ -315,7 +361,7 @@ async def sync_policy_data(cp: ControlPlane, opa_url: str) -> None:
                     await asyncio.to_thread(policy.push_mesh_data, opa_url, desired)
                     log.info("pushed mesh data for %d services to OPA", len(desired["services"]))
                     pushed_for = spec
-            except (OSError, ValueError, policy.OpaUnavailable, policy.PolicyError) as exc:
+            except (jsonhttp.ApiError, jsonhttp.Unreachable, policy.OpaUnavailable, policy.PolicyError) as exc:
                 if pushed_for is not None:
                     log.warning("cannot sync mesh data to OPA at %s: %s", opa_url, exc)
                 pushed_for = None
@@ -323,12 +369,11 @@ async def sync_policy_data(cp: ControlPlane, opa_url: str) -> None:
 
 
 def _opa_data(opa_url: str) -> object:
-    with urllib.request.urlopen(f"{opa_url}/v1/data/{MESH_DATA_PATH}", timeout=2) as resp:
-        return json.loads(resp.read()).get("result")
+    return jsonhttp.get(f"{opa_url}/v1/data/{MESH_DATA_PATH}", timeout_s=2).get("result")
 
 
 async def run(
-    dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: Path | None, opa_port: int | None = None
+    dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: bool, opa_port: int | None = None
 ) -> None:
     cp = ControlPlane(dd)
     if dd.spec.exists():
@@ -340,8 +385,8 @@ async def run(
     admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port)
     log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
     try:
-        if watch is not None:
-            await cp.watch(watch)
+        if watch:
+            await cp.watch()
         else:
             await asyncio.Event().wait()
     finally:
@@ -349,3 +394,27 @@ async def run(
             task.cancel()
         admin.shutdown()
         await ads.stop(grace=1)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controlplane.daemon`: the control-plane process (a workload of the runtime)."""
+    p = argparse.ArgumentParser(prog="python -m controlplane.daemon", description="Run the greymesh control plane.")
+    p.add_argument("--data-dir", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1", help="address for xDS and admin (default: loopback)")
+    p.add_argument("--xds-port", type=int, required=True)
+    p.add_argument("--admin-port", type=int, required=True)
+    p.add_argument("--watch", action="store_true",
+                   help="apply the spec file named in the data dir's spec-source whenever it changes")
+    p.add_argument("--opa-port", type=int, help="keep this OPA's mesh data in sync with the spec")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(run(DataDir(args.data_dir), host=args.host, xds_port=args.xds_port, admin_port=args.admin_port,
+                        watch=args.watch, opa_port=args.opa_port))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -23,30 +23,30 @@ import difflib
 import getpass
 import hashlib
 import json
+import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from controlplane.doctor import opa_binary
+from controlplane.identity import spiffe_id
 from controlplane.meshspec import MeshSpec
+from core import jsonhttp
+from core.contracts import DECISION_PATH, MESH_DATA_PATH, POLICY_META_PATH
+from core.errors import GreymeshError, InputError
+from core.installs import opa_binary
 
 if TYPE_CHECKING:
     # Imported where used: opa_client pulls in requests and aiohttp (~0.4 s), and every
-    # `greymesh` command imports this module to build its parser (register_cli).
+    # `greymesh` command imports this module to build its parser.
     from opa_client import OpaClient
     from opa_client.errors import RegoParseError
 
 POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
-DECISION_PATH = "greymesh/authz/decision"  # what the bridge asks; also the `path` of its decision-log entries
-MESH_DATA_PATH = "greymesh/mesh"
-POLICY_META_PATH = "greymesh/policy"
-OPA_PORT_KEY = "opa.http"  # runtime.json ports key of OPA's REST API
-JOURNAL_NAME = "policy-journal.jsonl"
 MODULE_PREFIX = "greymesh/"  # policy IDs of our modules in OPA
 JOURNAL_VERSION = 1
 TEST_SUFFIX = "_test.rego"
@@ -54,11 +54,11 @@ OPA_TIMEOUT_S = 10.0
 OPA_CLI_TIMEOUT_S = 120.0
 
 
-class PolicyError(Exception):
+class PolicyError(InputError):
     """A policy or mesh document was refused; the message says why, with file and line when known."""
 
 
-class OpaUnavailable(Exception):
+class OpaUnavailable(GreymeshError):
     """OPA could not be asked (not running, not reachable, or it failed)."""
 
 
@@ -206,13 +206,15 @@ def _journal(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps({"version": JOURNAL_VERSION, **record}) + "\n")
 
 
-def push(opa_url: str, policy_dir: Path, *, actor: str, journal_path: Path) -> PushResult:
+def push(opa_url: str, policy_dir: Path, *, actor: str, journal_path: Path, keep_in: Path | None = None) -> PushResult:
     """Test the local policy and make it the one OPA runs.
 
     Refuses (PolicyError; nothing in OPA changes) a policy that does not compile, whose
     tests fail, or that OPA itself refuses.  On success the modules are replaced,
     modules deleted locally are removed from OPA, and data.greymesh.policy says what runs.
-    Every attempt is journalled: who, when, the policy's sha256 and the outcome."""
+    Every attempt is journalled: who, when, the policy's sha256 and the outcome.
+    ``keep_in``: a folder that then holds a copy of the pushed files (tests included),
+    so that a restarted OPA can be given the same policy again (:func:`restore`)."""
     policy_dir = Path(policy_dir)
     pushed_at = datetime.now(UTC).isoformat(timespec="seconds")
     record: dict[str, Any] = {"at": pushed_at, "actor": actor, "opa": opa_url,
@@ -236,7 +238,37 @@ def push(opa_url: str, policy_dir: Path, *, actor: str, journal_path: Path) -> P
         _journal(journal_path, record | {"outcome": outcome, "error": str(exc)})
         raise
     _journal(journal_path, record | {"outcome": "pushed"})
+    if keep_in is not None and keep_in.resolve() != policy_dir.resolve():
+        _keep_copy(policy_dir, keep_in)
     return PushResult(record["sha256"], tuple(record["modules"]), actor, pushed_at)
+
+
+def _keep_copy(policy_dir: Path, dest: Path) -> None:
+    """Replace dest with the .rego files of policy_dir, in one rename."""
+    staging = dest.with_name(dest.name + ".new")
+    shutil.rmtree(staging, ignore_errors=True)
+    for src in policy_dir.rglob("*.rego"):
+        target = staging / src.relative_to(policy_dir)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, target)
+    shutil.rmtree(dest, ignore_errors=True)
+    staging.rename(dest)
+
+
+def restore(opa_url: str, kept: Path, *, default: Path, actor: str, journal_path: Path) -> PushResult | None:
+    """Give an OPA that runs no pushed policy (just started, or restarted) the one last
+    pushed, kept in ``kept`` by :func:`push`, or ``default`` when nothing was ever pushed.
+
+    Does nothing (None) when OPA already runs a pushed policy.  Goes through the same
+    gate and journal as any push."""
+    try:
+        meta = jsonhttp.get(f"{opa_url}/v1/data/{POLICY_META_PATH}", timeout_s=OPA_TIMEOUT_S).get("result")
+    except (jsonhttp.ApiError, jsonhttp.Unreachable) as exc:
+        raise OpaUnavailable(f"OPA at {opa_url} unreachable or failing: {exc}") from None
+    if meta:
+        return None
+    source = kept if kept.is_dir() else default
+    return push(opa_url, source, actor=actor, journal_path=journal_path, keep_in=kept)
 
 
 def diff(opa_url: str, policy_dir: Path) -> str:
@@ -273,8 +305,6 @@ def mesh_data(spec: MeshSpec) -> dict[str, Any]:
     """The mesh as the policy reads it at data.greymesh.mesh (shape: policies/README.md).
 
     mesh.yaml has no per-edge rules yet, so every edge is {} (any method, any path)."""
-    from controlplane.identity import spiffe_id  # it loads cryptography; the CLI's start-up need not
-
     td = spec.identity.trust_domain
     return {
         "trust_domain": td,
@@ -335,88 +365,24 @@ def push_mesh_data(opa_url: str, doc: Mapping[str, Any]) -> None:
         client.update_or_create_data(dict(doc), MESH_DATA_PATH)
 
 
-# --- `greymesh policy ...` ---------------------------------------------------------------
-
-
-def journal_path(data_dir: Path) -> Path:
-    return data_dir / JOURNAL_NAME
-
-
-def opa_url(data_dir: Path) -> str:
-    """OPA's REST URL for the mesh in data_dir, from its runtime.json."""
-    from controlplane import runtime  # runtime starts OPA and pushes the policy: import it lazily
-
-    port = runtime.RuntimeState.load(runtime.DataDir(data_dir).state).ports.get(OPA_PORT_KEY)
-    if port is None:
-        raise runtime.MeshRuntimeError(f"no OPA running in {data_dir}: run `greymesh up`")
-    return f"http://{runtime.HOST}:{port}"
-
-
-def register_cli(subparsers: argparse._SubParsersAction,
-                 data_dir_arg: Callable[[argparse.ArgumentParser], None]) -> None:
-    """Add `greymesh policy test|push|diff|eval`; data_dir_arg adds the CLI's --data-dir option."""
-    desc = "test, push, compare and query the authorization policy (Rego) that OPA runs"
-    actions = subparsers.add_parser("policy", help=desc, description=desc).add_subparsers(
-        required=True, metavar="ACTION")
-
-    def action(name: str, fn: Callable[[argparse.Namespace], int], summary: str, *,
-               opa: bool) -> argparse.ArgumentParser:
-        sp = actions.add_parser(name, help=summary, description=summary)
-        sp.set_defaults(func=fn)
-        sp.add_argument("--dir", type=Path, default=POLICY_DIR, help="the policy folder (default: %(default)s)")
-        if opa:
-            data_dir_arg(sp)
-        return sp
-
-    action("test", _cli_test, "run the policy's unit tests (opa test)", opa=False)
-    action("push", _cli_push, "check and test the policy, then make it the one the mesh's OPA runs", opa=True)
-    action("diff", _cli_diff, "show how the local policy differs from the one OPA runs", opa=True)
-    sp = action("eval", _cli_eval, "ask OPA for the decision on one input document", opa=True)
-    sp.add_argument("--input", type=Path, required=True, help="JSON file: the input document (as the bridge sends)")
-
-
-def _cli(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """Exit codes as the rest of the CLI: 2 refused input, 1 failed at run time."""
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return fn(args)
-        except PolicyError as exc:
-            print(f"refused: {exc}", file=sys.stderr)
-            return 2
-        except OpaUnavailable as exc:
-            print(f"error: {exc}", file=sys.stderr)
-            return 1
-    return run
-
-
-@_cli
-def _cli_test(args: argparse.Namespace) -> int:
-    ok, report = run_tests(args.dir)
-    print(report, end="")
-    return 0 if ok else 1
-
-
-@_cli
-def _cli_push(args: argparse.Namespace) -> int:
-    journal = journal_path(args.data_dir)
-    result = push(opa_url(args.data_dir), args.dir, actor=getpass.getuser(), journal_path=journal)
-    print(f"pushed {args.dir} ({len(result.modules)} module(s), sha256 {result.policy_hash[:12]}) "
-          f"as {result.pushed_by}; journal {journal}")
-    return 0
-
-
-@_cli
-def _cli_diff(args: argparse.Namespace) -> int:
-    url = opa_url(args.data_dir)
-    print(diff(url, args.dir) or f"OPA at {url} runs exactly {args.dir}\n", end="")
-    return 0
-
-
-@_cli
-def _cli_eval(args: argparse.Namespace) -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`python -m controlplane.policy`: restore OPA's policy (what the runtime runs whenever OPA becomes ready)."""
+    p = argparse.ArgumentParser(prog="python -m controlplane.policy", description=restore.__doc__)
+    p.add_argument("--opa-url", required=True)
+    p.add_argument("--kept", type=Path, required=True, help="the copy of the last push (the data dir's policy/active)")
+    p.add_argument("--default", type=Path, default=POLICY_DIR, help="pushed when nothing was kept (default: %(default)s)")
+    p.add_argument("--journal", type=Path, required=True)
+    args = p.parse_args(argv)
     try:
-        doc = json.loads(args.input.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PolicyError(f"{args.input}: cannot read a JSON input document: {exc}") from exc
-    print(json.dumps(evaluate(opa_url(args.data_dir), doc), indent=2))
+        result = restore(args.opa_url, args.kept, default=args.default, actor=f"{getpass.getuser()} (greymesh runtime)",
+                         journal_path=args.journal)
+    except (PolicyError, OpaUnavailable) as exc:
+        print(f"{exc.prefix}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print("OPA already runs a pushed policy" if result is None else
+          f"pushed {len(result.modules)} module(s), sha256 {result.policy_hash[:12]}")
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -144,7 +144,8 @@ def build_snapshots(
         shared = [_outbound_routes(called), *bundle]  # identical for every instance of svc
         for callee in called:
             endpoints = tuple(
-                (subset, tuple(placement.ports(i.name).inbound for i in callee.instances if i.subset == subset))
+                (subset, tuple(placement.ports(i.name).inbound for i in callee.instances
+                               if i.subset == subset and placement.ports(i.name).serving))
                 for subset in callee.subsets
             )
             server_id = service_identity(spec, callee) if identities else None

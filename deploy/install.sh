@@ -179,13 +179,17 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 VENV_SITE=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 printf '%s\n' "$DEPS_SITE" "$TORCH_SITE" > "$VENV_SITE/greymesh-deps.pth"
-if ! (cd / && "$VENV/bin/python" - "$ROOT" <<'PY' 2>/dev/null
-import sys, pathlib, controlplane
-sys.exit(pathlib.Path(controlplane.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())
+# Again whenever pyproject.toml changed (packages, the console script), or the venv's
+# greymesh is another checkout's.
+project_key=$(sha256sum "$ROOT/pyproject.toml" | cut -c1-12)
+if [ "$(cat "$VENV/.greymesh-project" 2>/dev/null)" != "$project_key" ] || ! (cd / && "$VENV/bin/python" - "$ROOT" <<'PY' 2>/dev/null
+import sys, pathlib, greymesh
+sys.exit(pathlib.Path(greymesh.__file__).resolve().parents[1] != pathlib.Path(sys.argv[1]).resolve())
 PY
 ); then
   step "installing greymesh (editable) into $VENV"
   "$VENV/bin/python" -m pip install --disable-pip-version-check -q --no-deps --no-build-isolation -e "$ROOT"
+  echo "$project_key" > "$VENV/.greymesh-project"
 fi
 
 envoy_version=$("$VENV/bin/greymesh" doctor --component envoy --version-only 2>/dev/null || true)

@@ -40,7 +40,8 @@ import numpy as np
 
 from ml.detectors import DETECTORS, make
 from ml.features import Normaliser, series_by_service
-from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, Window
+from core.contracts import ROLLUP_FIELDS, WINDOW_SECONDS
+from ml.windows import Window
 
 
 class EvalInputError(ValueError):

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ml.windows import WINDOW_SECONDS, Window
+from core.contracts import WINDOW_SECONDS
+from ml.windows import Window
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,8 @@ import numpy as np
 from ml import explain
 from ml.detectors import Detector, make
 from ml.features import NAMES, Normaliser, ServiceSeries, series_by_service
-from ml.windows import WINDOW_SECONDS, WindowSource
+from core.contracts import WINDOW_SECONDS
+from ml.windows import WindowSource
 
 _RATE = NAMES.index("request_rate")
 

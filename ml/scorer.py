@@ -50,8 +50,9 @@ from ml.detectors import DEFAULT_DETECTOR
 from ml.features import FEATURES, ServiceSeries, series_by_service
 from ml.model import MeshModel, TrainingError, train_from
 from ml.registry import ModelError, Registry
-from ml.windows import LATENESS_S, WINDOW_SECONDS, SinkWindows, WindowSource, WindowSourceError, closed_until
-from tapstream import schema
+from core.contracts import ANOMALY_TOPIC, VERSION, WINDOW_SECONDS, AnomalyEvent
+from core.storeclient import StoreError
+from ml.windows import LATENESS_S, SinkWindows, WindowSource, closed_until
 
 log = logging.getLogger("greymesh.ml.scorer")
 MAX_UNSENT = 10_000
@@ -119,7 +120,7 @@ class ScorerStats:
 
 
 class Scorer:
-    def __init__(self, source: WindowSource, registry: Registry, emit: Callable[[list[dict[str, Any]]], None], *,
+    def __init__(self, source: WindowSource, registry: Registry, emit: Callable[[list[AnomalyEvent]], None], *,
                  lateness_s: float = LATENESS_S, rules: Hysteresis = Hysteresis(), shard: tuple[int, int] = (0, 1),
                  auto_train_s: float | None = None, detector: str = DEFAULT_DETECTOR):
         self.source, self.registry, self.emit = source, registry, emit
@@ -130,7 +131,7 @@ class Scorer:
         self.trackers: dict[str, Tracker] = {}
         self.next_window: int | None = None  # the first window not yet scored
         self.stats = ScorerStats()
-        self._unsent: list[dict[str, Any]] = []
+        self._unsent: list[AnomalyEvent] = []
 
     def reload(self) -> None:
         """Take the registry's current version if it changed and loads; else keep the one we have."""
@@ -156,7 +157,7 @@ class Scorer:
             try:
                 if self.source.fetch(done - WINDOW_SECONDS, done):
                     self._traffic_since = done - WINDOW_SECONDS
-            except WindowSourceError as exc:
+            except StoreError as exc:
                 self.stats.source_error = str(exc)
             return
         self.stats.auto_train_at = int(self._traffic_since + self.auto_train_s)
@@ -167,7 +168,7 @@ class Scorer:
         try:
             model = train_from(self.source, self.detector, since=self._traffic_since, until=done,
                                progress=log.info)
-        except (TrainingError, WindowSourceError) as exc:
+        except (TrainingError, StoreError) as exc:
             log.warning("could not train the first model yet: %s", exc)
             self._traffic_since = None  # start counting again
             return
@@ -180,7 +181,7 @@ class Scorer:
         index, count = self.shard
         return zlib.crc32(service.encode()) % count == index
 
-    def step(self, now: float | None = None) -> list[dict[str, Any]]:
+    def step(self, now: float | None = None) -> list[AnomalyEvent]:
         """Score every window that closed since the last step; emit and return the events."""
         self.reload()
         now = time.time() if now is None else now
@@ -200,12 +201,12 @@ class Scorer:
         try:
             rows = self.source.fetch(since, done, services)
             self.stats.source_error = None
-        except WindowSourceError as exc:
+        except StoreError as exc:
             self.stats.source_error = str(exc)
             log.warning("%s", exc)
             return []
         series = series_by_service(rows, since, done)
-        events: list[dict[str, Any]] = []
+        events: list[AnomalyEvent] = []
         for service in services:
             sm = model.services[service]
             # No row at all in the range: no requests, which is itself worth scoring (an outage).
@@ -229,7 +230,7 @@ class Scorer:
         self._send(events)
         return events
 
-    def _send(self, events: list[dict[str, Any]]) -> None:
+    def _send(self, events: list[AnomalyEvent]) -> None:
         """Emit this round's events after any that earlier rounds could not send; what
         fails now is kept (the oldest dropped past MAX_UNSENT) and tried next round."""
         self._unsent = (self._unsent + events)[-MAX_UNSENT:]
@@ -242,34 +243,34 @@ class Scorer:
             log.warning("could not send %d anomaly events (%s); retrying next round", len(self._unsent), exc)
             return
         for e in self._unsent:  # once each, when sent: a retried batch is not logged again
-            log.warning("anomaly %s: %s (score %.3g, threshold %.3g, window %d)", e["state"], e["explanation"],
-                        e["score"], e["threshold"], e["window"])
+            log.warning("anomaly %s: %s (score %.3g, threshold %.3g, window %d)", e.state, e.explanation,
+                        e.score, e.threshold, e.window)
         self._unsent, self.stats.unsent = [], 0
 
     def _event(self, service: str, state: str, op: _Open, window: int, score: float, threshold: float, text: str,
-               causes: list, model: MeshModel) -> dict[str, Any]:
-        return {
-            "v": schema.VERSION, "event_id": f"{op.anomaly_id}-{state}", "time_us": window * 1_000_000,
-            "service": service, "anomaly_id": op.anomaly_id, "state": state, "window": window,
-            "score": score, "threshold": threshold, "peak_score": op.peak, "windows": op.windows,
-            "explanation": text if state == "open" else f"{text} (resolved after {op.windows} windows, "
-                                                        f"peak score {op.peak / threshold:.1f}x the threshold)",
-            "causes": json.dumps([asdict(c) for c in causes]), "detector": model.detector,
-            "model_version": self.stats.model_version or "",
-        }
+               causes: list, model: MeshModel) -> AnomalyEvent:
+        return AnomalyEvent(
+            v=VERSION, event_id=f"{op.anomaly_id}-{state}", time_us=window * 1_000_000,
+            service=service, anomaly_id=op.anomaly_id, state=state, window=window,
+            score=score, threshold=threshold, peak_score=op.peak, windows=op.windows,
+            explanation=text if state == "open" else f"{text} (resolved after {op.windows} windows, "
+                                                     f"peak score {op.peak / threshold:.1f}x the threshold)",
+            causes=json.dumps([asdict(c) for c in causes]), detector=model.detector,
+            model_version=self.stats.model_version or "",
+        )
 
 
-def kafka_emitter(bootstrap: str) -> Callable[[list[dict[str, Any]]], None]:
+def kafka_emitter(bootstrap: str) -> Callable[[list[AnomalyEvent]], None]:
     """Send events to greymesh.anomalies, one JSON-array record per service, and wait for the acks."""
     from kafka import KafkaProducer
 
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="greymesh-ml-scorer")
 
-    def emit(events: list[dict[str, Any]]) -> None:
+    def emit(events: list[AnomalyEvent]) -> None:
         by_service: dict[str, list[dict[str, Any]]] = {}
         for e in events:
-            by_service.setdefault(e["service"], []).append(e)
-        futures = [producer.send(schema.ANOMALY_TOPIC, key=s.encode(), value=json.dumps(evs).encode())
+            by_service.setdefault(e.service, []).append(e.to_event())
+        futures = [producer.send(ANOMALY_TOPIC, key=s.encode(), value=json.dumps(evs).encode())
                    for s, evs in by_service.items()]
         for f in futures:
             f.get(timeout=30)

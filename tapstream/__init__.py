@@ -1,5 +1,4 @@
-"""Audit-tap stage: receives Envoy access-log streams from sidecars and produces them to Kafka.
+"""Audit-tap stage: Envoy's access-log streams and OPA's decision logs -> tap events -> Kafka.
 
-Owned stage in the data flow: sidecar -> **tapstream** -> Kafka -> store -> ml -> actions/console.
-Built by the audit-taps issue; nothing lives here yet.
+Stage in the data flow: sidecar -> **tapstream** -> Kafka -> audit (store) -> ml -> actions/console.
 """

@@ -27,6 +27,7 @@ import grpc
 from envoy.service.accesslog.v3 import als_pb2
 from google.protobuf.message import DecodeError
 
+from core import contracts
 from tapstream import schema
 
 log = logging.getLogger("greymesh.tapstream")
@@ -50,7 +51,7 @@ class Publisher(Protocol):
 class CollectorStats:
     streams: int = 0  # ALS streams opened since start
     messages: int = 0  # messages turned into events
-    events: dict[str, int] = field(default_factory=lambda: {layer: 0 for layer in schema.LAYERS[:3]})
+    events: dict[str, int] = field(default_factory=lambda: {layer: 0 for layer in contracts.LAYERS[:3]})
     malformed: int = 0  # messages skipped: not a StreamAccessLogsMessage, or entries before an identifier
     oversized: int = 0  # messages skipped: larger than MAX_MESSAGE_BYTES
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -102,7 +103,7 @@ class Collector:
         for layer, event in schema.events(source, msg.http_logs.log_entry, msg.tcp_logs.log_entry):
             by_layer.setdefault(layer, []).append(event)
         for layer, events in by_layer.items():
-            topic = schema.topic(layer)  # type: ignore[arg-type]
+            topic = contracts.topic(layer)  # type: ignore[arg-type]
             for i in range(0, len(events), MAX_EVENTS_PER_RECORD):
                 chunk = events[i:i + MAX_EVENTS_PER_RECORD]
                 self.publisher.send(topic, source.service, json.dumps(chunk, separators=(",", ":")).encode(),

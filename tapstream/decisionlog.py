@@ -12,12 +12,11 @@ sends it again, including records already written.  Consumers therefore deduplic
 on ``decision_id``.  A malformed body is answered 400, counted and dropped, and the
 receiver keeps serving.
 
-:func:`opa_config` and :func:`opa_argv` say how to run OPA so that it reports here.
+The runtime points OPA here (greymesh/runtime/opa.py).
 """
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import threading
@@ -26,19 +25,17 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from http.server import ThreadingHTTPServer
-from pathlib import Path
 from typing import Any
 
-from controlplane.jsonhttp import JsonHandler, serve
-from controlplane.policy import DECISION_PATH
-from tapstream import schema
+from core import contracts
+from core.contracts import DECISION_PATH
+from core.jsonhttp import JsonHandler, serve
 
 log = logging.getLogger("greymesh.decisionlog")
 
 SCHEMA = "greymesh.authz.decision"
 SCHEMA_VERSION = 1
 LOGS_PATH = "/logs"  # where OPA posts when decision_logs.resource is not set
-SERVICE_NAME = "greymesh-decision-log"
 MAX_BODY_BYTES = 8 << 20  # OPA's uploads are capped at 32 KiB by default
 MAX_JSON_BYTES = 64 << 20  # decompressed: a small gzip body must not inflate without bound
 
@@ -63,10 +60,10 @@ class AuditRecord:
         return json.dumps(asdict(self), separators=(",", ":"))
 
     def to_event(self) -> dict[str, Any]:
-        """This decision as an ``audit`` tap event (tapstream.schema.COLUMNS["audit"])."""
+        """This decision as an ``audit`` tap event (core.contracts.COLUMNS["audit"])."""
         when = datetime.fromisoformat(self.time)  # OPA writes nanoseconds; microseconds are kept
         return {
-            "v": schema.VERSION, "event_id": self.decision_id,
+            "v": contracts.VERSION, "event_id": self.decision_id,
             "time_us": int(when.timestamp()) * 1_000_000 + when.microsecond,
             "caller": self.caller, "callee": self.callee, "method": self.method, "path": self.path,
             "allow": int(self.allow), "reason": self.reason, "policy_hash": self.policy_hash,
@@ -264,35 +261,3 @@ def _gunzip(body: bytes) -> bytes:
     if not d.eof:
         raise ValueError("truncated gzip stream")
     return out
-
-
-# --- how to run OPA so that it reports here -------------------------------------------
-
-
-def opa_config(decision_log_url: str) -> dict[str, Any]:
-    """OPA's config file content: report every decision to decision_log_url (the
-    receiver's url) once a second, so records land within about two seconds."""
-    return {
-        "services": {SERVICE_NAME: {"url": decision_log_url}},
-        "decision_logs": {
-            "service": SERVICE_NAME,
-            "reporting": {"min_delay_seconds": 1, "max_delay_seconds": 1},  # OPA's defaults: 300 and 600
-        },
-    }
-
-
-def opa_argv(opa_binary: Path, addr: str, config_path: Path) -> list[str]:
-    """`opa run --server` on addr (host:port, loopback only: OPA's REST API has no
-    authentication here), reporting as config_path says.
-
-    It starts with no policy, so every decision fails (closed) until the first
-    `controlplane.policy.push`, which `greymesh up` makes as soon as OPA answers.
-    Loading the files at start instead would give the modules path-derived IDs that
-    a push from another checkout could not replace."""
-    host = addr.rpartition(":")[0].strip("[]")
-    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
-        raise ValueError(f"OPA must listen on loopback, not {addr}")
-    # --log-level error: at info OPA logs two lines per decision (unbounded, and ~20% of
-    # its CPU per decision); the decision log already records every decision.
-    return [str(opa_binary), "run", "--server", "--addr", addr, "--config-file", str(config_path),
-            "--skip-version-check", "--log-level", "error"]

@@ -1,29 +1,11 @@
-"""The tap event schema (version 1): what every sidecar's audit taps become.
+"""Envoy's access-log entries -> tap events (core.contracts.COLUMNS, version core.contracts.VERSION).
 
 Envoy reports to the collector over its gRPC Access Log Service: one ``HTTPAccessLogEntry``
 per request (the HTTP connection manager's logger) and one ``TCPAccessLogEntry`` per
 closed downstream connection (the listener's logger).  Each entry becomes flat events,
-one per *layer*:
-
-    l7     one per HTTP request: method, path, status, latency, sizes, authz verdict, ...
-    l4     one per connection: bytes each way, termination, TLS version, peer identity
-    l3     one per connection: the flow (addresses, ports, duration); joins l4 on
-           ``connection_id``
-    audit  one per authorization decision, from OPA's decision logs
-           (tapstream.decisionlog.AuditRecord; its ``decision_id`` is the event id)
-
-and one more that the ml stage emits from the store's roll-ups, so that it reaches the
-store the same way (Kafka -> sink) and is tailed the same way (``greymesh taps tail``):
-
-    anomaly  one when an anomaly opens and one when it resolves (ml/scorer.py), on
-             ``greymesh.anomalies``
-
-An event is a JSON object whose keys are exactly the names in :data:`COLUMNS` for its
-layer, plus the common ones; the same names and types are the store's columns
-(audit/migrations.py builds its tables from :data:`COLUMNS`), so the schema is defined
-once, here.  Versioning: ``v`` is :data:`VERSION`; a change that renames, removes or
-re-types a field bumps it, adding a field does not (but it needs a store migration
-that adds the column to stores created before it).
+one per layer: ``l7`` for the request, ``l4`` and ``l3`` for the connection.  The
+schema itself, its topics and the other layers (``audit``, ``anomaly``) are contracts
+between stages and live in core/contracts.py.
 
 ``event_id`` is stable: derived from the emitting sidecar, its listener and the entry's
 own identity (stream id, start time, downstream peer), so the same entry always gets the
@@ -37,105 +19,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 from envoy.config.core.v3 import base_pb2
 from envoy.data.accesslog.v3 import accesslog_pb2
 
-VERSION = 1
-Layer = Literal["l3", "l4", "l7", "audit", "anomaly"]
-LAYERS: tuple[Layer, ...] = ("l3", "l4", "l7", "audit", "anomaly")
-TOPIC_PREFIX = "greymesh.tap."
-AUDIT_TOPIC = "greymesh.audit"
-ANOMALY_TOPIC = "greymesh.anomalies"
-# The listener names the controlplane gives each sidecar; a log's name is its listener's.
-DIRECTIONS = ("inbound", "outbound", "ingress")
-
-# (name, ClickHouse type, meaning).  Types are ones both ClickHouse 18.16 and current
-# ClickHouse know; times are microseconds since the epoch (18.16 has no DateTime64).
-Column = tuple[str, str, str]
-COMMON: tuple[Column, ...] = (
-    ("v", "UInt8", "schema version"),
-    ("event_id", "String", "stable id (32 hex digits); the deduplication key"),
-    ("time_us", "UInt64", "request or connection start, microseconds since the epoch"),
-    ("sidecar", "String", "the emitting sidecar (Envoy node id = instance name)"),
-    ("service", "String", "the service the sidecar belongs to"),
-    ("direction", "String", "inbound (served), outbound (called) or ingress (mesh entry)"),
-)
-_FLOW: tuple[Column, ...] = (
-    ("src_addr", "String", "downstream peer address"),
-    ("src_port", "UInt16", "downstream peer port"),
-    ("dst_addr", "String", "local address the connection arrived on"),
-    ("dst_port", "UInt16", "local port the connection arrived on"),
-)
-COLUMNS: dict[Layer, tuple[Column, ...]] = {
-    "l7": COMMON + (
-        ("method", "String", "HTTP method"),
-        ("authority", "String", "Host / :authority"),
-        ("path", "String", "request path without the query string (it may carry secrets)"),
-        ("protocol", "String", "HTTP/1.0, HTTP/1.1, HTTP/2 or HTTP/3"),
-        ("status", "UInt16", "response status (0: no response was sent)"),
-        ("response_flags", "String", "Envoy's response flags, comma-separated short codes (UF,URX,...)"),
-        ("duration_us", "UInt64", "request start to last byte sent downstream"),
-        ("request_bytes", "UInt64", "request headers + body bytes"),
-        ("response_bytes", "UInt64", "response headers + body bytes"),
-        ("user_agent", "String", "User-Agent"),
-        ("request_id", "String", "x-request-id"),
-        ("trace_id", "String", "the trace id of a W3C traceparent or B3 header, if any"),
-        ("upstream_host", "String", "address:port of the upstream that answered"),
-        ("upstream_cluster", "String", "the Envoy cluster routed to"),
-        ("peer", "String", "SPIFFE ID of the downstream peer's certificate ('' without mTLS)"),
-        *_FLOW,
-        ("authz", "String", "authorization verdict: allow, deny, or '' when not checked"),
-        ("authz_reason", "String", "the policy's reason for the verdict"),
-    ),
-    "l4": COMMON + (
-        ("connection_id", "String", "joins the l3 event of the same connection"),
-        ("bytes_in", "UInt64", "bytes received from downstream"),
-        ("bytes_out", "UInt64", "bytes sent to downstream"),
-        ("upstream_host", "String", "address:port of the upstream (TCP proxying only)"),
-        ("tls_version", "String", "TLSv1_2, TLSv1_3, or '' for plaintext"),
-        ("peer", "String", "SPIFFE ID of the downstream peer's certificate ('' without mTLS)"),
-        ("termination", "String", "Envoy's connection termination details"),
-        ("transport_failure", "String", "downstream transport (TLS) failure reason"),
-        ("response_flags", "String", "Envoy's response flags, comma-separated short codes"),
-    ),
-    "l3": COMMON + (
-        ("connection_id", "String", "joins the l4 event of the same connection"),
-        *_FLOW,
-        ("duration_us", "UInt64", "connection open to close"),
-    ),
-    "audit": (
-        ("v", "UInt8", "schema version"),
-        ("event_id", "String", "OPA's decision id; the deduplication key"),
-        ("time_us", "UInt64", "when OPA decided, microseconds since the epoch"),
-        ("caller", "String", "SPIFFE ID of the caller ('' when it presented none)"),
-        ("callee", "String", "SPIFFE ID of the callee"),
-        ("method", "String", "HTTP method"),
-        ("path", "String", "request path without the query string"),
-        ("allow", "UInt8", "1 allowed, 0 denied"),
-        ("reason", "String", "the policy's reason"),
-        ("policy_hash", "String", "sha256 of the policy that decided"),
-    ),
-    "anomaly": (
-        ("v", "UInt8", "schema version"),
-        ("event_id", "String", "anomaly id + state; the deduplication key"),
-        ("time_us", "UInt64", "start of the window that opened or resolved it, microseconds since the epoch"),
-        ("service", "String", "the service whose telemetry is anomalous"),
-        ("anomaly_id", "String", "the same on an anomaly's open and resolved events"),
-        ("state", "String", "open (raised) or resolved"),
-        ("window", "UInt32", "that window's start, Unix seconds"),
-        ("score", "Float64", "the detector's score of that window (higher is more anomalous)"),
-        ("threshold", "Float64", "the service's fitted threshold"),
-        ("peak_score", "Float64", "the highest score since it opened"),
-        ("windows", "UInt32", "windows since it opened, that one included"),
-        ("explanation", "String", "what a person reads: the features that make up the score"),
-        ("causes", "String", "the same as JSON: [{feature, share, value, normal}]"),
-        ("detector", "String", "gru_ae, iforest or pca"),
-        ("model_version", "String", "the registry version that scored it"),
-    ),
-}
-NAMES: dict[Layer, tuple[str, ...]] = {layer: tuple(c[0] for c in cols) for layer, cols in COLUMNS.items()}
+from core.contracts import DIRECTIONS, VERSION, Layer
 
 # The ext_authz filter publishes the bridge's verdict under its own metadata namespace.
 AUTHZ_METADATA = "envoy.filters.http.ext_authz"
@@ -156,26 +45,9 @@ _FLAG_CODES = (
     ("overload_manager", "OM"), ("dns_resolution_failure", "DF"), ("downstream_remote_reset", "DR"),
 )
 _FLAG_BY_FIELD = dict(_FLAG_CODES) | {"unauthorized_details": "UAEX"}
-# Flags that mean a stream was reset rather than answered.  Not DC: an HTTP/1 client
-# that closes its connection right after a complete response is flagged DC, too.
-# The store's roll-up counts these (audit/migrations.py): a change needs a new migration.
-RESET_FLAGS = frozenset({"LR", "UR", "UF", "UC", "DR", "UPE", "DPE"})
 _METHODS = {n: name for name, n in base_pb2.RequestMethod.items() if n}
 _PROTOCOLS = {1: "HTTP/1.0", 2: "HTTP/1.1", 3: "HTTP/2", 4: "HTTP/3"}
 _TLS_VERSIONS = {1: "TLSv1", 2: "TLSv1_1", 3: "TLSv1_2", 4: "TLSv1_3"}
-
-
-def topic(layer: Layer) -> str:
-    """The Kafka topic of a layer's events."""
-    return {"audit": AUDIT_TOPIC, "anomaly": ANOMALY_TOPIC}.get(layer, TOPIC_PREFIX + layer)
-
-
-def layer_of_topic(name: str) -> Layer:
-    """The layer whose events ``name`` carries; ValueError for a topic that is not a tap's."""
-    for layer in LAYERS:
-        if topic(layer) == name:
-            return layer
-    raise ValueError(f"{name!r} is not a greymesh tap topic (expected one of {[topic(x) for x in LAYERS]})")
 
 
 class Source:

@@ -24,14 +24,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tapstream import schema
+from core.contracts import ALERTS_TOPIC, AUDIT_TOPIC, TapDropAlert
 from tapstream.collector import Collector, serve
 from tapstream.decisionlog import AuditRecord, DecisionLogReceiver
 from tapstream.producer import TapProducer
 
 log = logging.getLogger("greymesh.tapstream")
 
-ALERTS_TOPIC = "greymesh.alerts"
 ALERT_CHECK_S = 5.0
 
 
@@ -59,14 +58,13 @@ class DropAlerts:
             (records, events), self._pending = self._pending, [0, 0]
             since = self._since_us
         if events or records:
-            alert = {
-                "v": 1, "kind": "tap_drop", "severity": "critical", "host": self.host,
-                "time_us": time.time_ns() // 1000, "since_us": since,
-                "dropped_records": records, "dropped_events": events,
-                "message": f"the tap spool on {self.host} was full: {events} events in {records} records were "
-                           "dropped while Kafka was unreachable; raise --max-spool-mb or fix the broker sooner",
-            }
-            producer.send(ALERTS_TOPIC, self.host, json.dumps(alert).encode())
+            alert = TapDropAlert(
+                host=self.host, time_us=time.time_ns() // 1000, since_us=since,
+                dropped_records=records, dropped_events=events,
+                message=f"the tap spool on {self.host} was full: {events} events in {records} records were "
+                        "dropped while Kafka was unreachable; raise --max-spool-mb or fix the broker sooner",
+            )
+            producer.send(ALERTS_TOPIC, self.host, json.dumps(alert.to_event()).encode())
 
 
 def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, bootstrap: str,
@@ -82,7 +80,7 @@ def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, bootstrap:
         for record in records:
             by_callee.setdefault(record.callee, []).append(record.to_event())
         for callee, events in by_callee.items():
-            producer.send(schema.AUDIT_TOPIC, callee, json.dumps(events, separators=(",", ":")).encode(),
+            producer.send(AUDIT_TOPIC, callee, json.dumps(events, separators=(",", ":")).encode(),
                           events=len(events))
 
     def stats() -> dict[str, Any]:

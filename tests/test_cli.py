@@ -11,7 +11,7 @@ from tests.support.mesh import DEMO_SPEC, ROOT
 
 
 def greymesh(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controlplane.cli", *args],
+    return subprocess.run([sys.executable, "-m", "greymesh.cli", *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
@@ -36,11 +36,14 @@ def test_apply_of_a_missing_file_names_it(tmp_path: Path):
     assert str(missing) in proc.stderr and "cannot read" in proc.stderr
 
 
-def test_status_of_an_empty_data_dir_is_not_a_crash(tmp_path: Path):
-    proc = greymesh("status", "--json", "--data-dir", str(tmp_path))
-    doc = json.loads(proc.stdout)
-    assert doc["processes"] == {} and doc["entrypoint"] is None
-    assert proc.returncode == 0
+def test_status_where_no_mesh_was_started_says_so_and_creates_nothing(tmp_path: Path):
+    data_dir = tmp_path / "never-used"
+    proc = greymesh("status", "--data-dir", str(data_dir))
+    assert proc.returncode == 1
+    assert f"no mesh has been started in {data_dir}" in proc.stdout
+    proc = greymesh("status", "--json", "--data-dir", str(data_dir))
+    assert proc.returncode == 1 and json.loads(proc.stdout) == {"data_dir": str(data_dir), "mesh": None}
+    assert not data_dir.exists()
 
 
 def test_up_refuses_a_bad_store_url_or_kafka_address_before_starting_anything(tmp_path: Path):

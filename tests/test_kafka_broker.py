@@ -1,4 +1,4 @@
-"""The real Kafka broker greymesh installs (deploy/install.sh) and runs (audit/kafka.py):
+"""The real Kafka broker greymesh installs (deploy/install.sh) and runs (greymesh/runtime/kafka.py):
 a single KRaft node in a temporary directory, driven with kafka-python.
 
 Produces 1,000 keyed records with acks=all, reads them back in a consumer group,
@@ -15,9 +15,9 @@ from pathlib import Path
 from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
 from kafka.admin import NewTopic
 
-from audit import kafka as broker
+from greymesh.runtime import kafka as broker
 from tests.support.kafka import Broker
-from controlplane import doctor
+from greymesh import doctor
 
 TOPIC = "audit-test"
 GROUP = "audit-test-readers"

@@ -24,7 +24,8 @@ from ml.features import FEATURES, NAMES, Normaliser, raw_features, series_by_ser
 from ml.model import train
 from ml.registry import ModelError, Registry
 from ml.scorer import Hysteresis, Scorer, Tracker
-from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, Window
+from core.contracts import ROLLUP_FIELDS, WINDOW_SECONDS, AnomalyEvent
+from ml.windows import Window
 
 T0 = 1_795_000_000  # a multiple of 10
 FAST = {"gru_ae": {"epochs": 15}, "iforest": {"n_estimators": 50}, "pca": {}}
@@ -253,16 +254,16 @@ def test_the_scorer_emits_open_then_resolved_with_an_explanation(tmp_path: Path)
     normal = normal_windows("payments", 60, seed=21, start=start)
     rows = normal[:20] + with_latency(normal[20:30], 8.0) + normal[30:] + normal_windows(
         "orders", 60, seed=22, start=start, latency_ms=20)
-    emitted: list[dict] = []
+    emitted: list[AnomalyEvent] = []
     scorer = Scorer(FakeSource(rows), reg, emitted.extend, lateness_s=0)
     for i in range(1, 61):
         scorer.step(now=start + i * WINDOW_SECONDS)
-    states = [(e["state"], (e["window"] - start) // WINDOW_SECONDS) for e in emitted]
+    states = [(e.state, (e.window - start) // WINDOW_SECONDS) for e in emitted]
     assert states[0] == ("open", 21) and states[1][0] == "resolved" and len(states) == 2, states
     first = emitted[0]
-    assert first["service"] == "payments" and first["model_version"] == "v0001" and first["score"] > first["threshold"]
-    assert "latency" in first["explanation"] and "x its normal" in first["explanation"]
-    assert emitted[1]["anomaly_id"] == first["anomaly_id"]
+    assert first.service == "payments" and first.model_version == "v0001" and first.score > first.threshold
+    assert "latency" in first.explanation and "x its normal" in first.explanation
+    assert emitted[1].anomaly_id == first.anomaly_id
 
 
 # --- eval ---------------------------------------------------------------------
@@ -367,14 +368,14 @@ def test_a_bad_train_rows_split_is_refused_with_the_file_and_the_fix(tmp_path: P
 def test_greymesh_ml_eval_refuses_a_bad_csv_with_exit_2(tmp_path: Path) -> None:
     tr = write_csv(tmp_path / "train.csv", ["a"], [[i] for i in range(40)])
     te = write_csv(tmp_path / "test.csv", ["a"], [[1]])
-    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "ml", "eval", "--train", str(tr), "--test",
+    done = subprocess.run([sys.executable, "-m", "greymesh.cli", "ml", "eval", "--train", str(tr), "--test",
                            str(te)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "refused:" in done.stderr and "no 'label' column" in done.stderr and not done.stdout
-    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "ml", "eval", "--test", str(te)],
+    done = subprocess.run([sys.executable, "-m", "greymesh.cli", "ml", "eval", "--test", str(te)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--test needs --train (a CSV of normal data) or --train-rows N" in done.stderr
-    done = subprocess.run([sys.executable, "-m", "controlplane.cli", "ml", "eval", "--train", str(tr), "--test",
+    done = subprocess.run([sys.executable, "-m", "greymesh.cli", "ml", "eval", "--train", str(tr), "--test",
                            str(te), "--false-alarm-rate", "2"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--false-alarm-rate 2: give a share of normal windows between 0 and 0.5" \
         in done.stderr
@@ -407,7 +408,7 @@ def test_events_kafka_did_not_take_are_sent_with_the_next_round(tmp_path: Path) 
     normal = normal_windows("payments", 30, seed=41, start=start)
     rows = normal[:10] + with_latency(normal[10:], 8.0) + normal_windows("orders", 30, seed=42, start=start,
                                                                          latency_ms=20)
-    sent: list[dict] = []
+    sent: list[AnomalyEvent] = []
     broker_up = False
 
     def emit(events: list[dict]) -> None:
@@ -421,7 +422,7 @@ def test_events_kafka_did_not_take_are_sent_with_the_next_round(tmp_path: Path) 
     assert sent == [] and scorer.stats.unsent == 1 and scorer.stats.anomalies_opened == 1
     broker_up = True
     scorer.step(now=start + 15 * WINDOW_SECONDS)
-    assert [e["state"] for e in sent] == ["open"] and scorer.stats.unsent == 0
+    assert [e.state for e in sent] == ["open"] and scorer.stats.unsent == 0
 
 
 def test_a_service_that_stops_answering_altogether_is_scored_as_no_traffic(tmp_path: Path) -> None:
@@ -430,14 +431,14 @@ def test_a_service_that_stops_answering_altogether_is_scored_as_no_traffic(tmp_p
     start = T0 + 1000 * WINDOW_SECONDS
     rows = normal_windows("payments", 10, seed=51, start=start) + normal_windows("orders", 30, seed=52, start=start,
                                                                                    latency_ms=20)
-    emitted: list[dict] = []
+    emitted: list[AnomalyEvent] = []
     scorer = Scorer(FakeSource(rows), reg, emitted.extend, lateness_s=0)
     for i in range(1, 31):
         scorer.step(now=start + i * WINDOW_SECONDS)
-    opened = [e for e in emitted if e["state"] == "open"]
-    assert [e["service"] for e in opened] == ["payments"], emitted
-    assert opened[0]["window"] <= start + 12 * WINDOW_SECONDS
-    assert "request rate" in opened[0]["explanation"]
+    opened = [e for e in emitted if e.state == "open"]
+    assert [e.service for e in opened] == ["payments"], emitted
+    assert opened[0].window <= start + 12 * WINDOW_SECONDS
+    assert "request rate" in opened[0].explanation
 
 
 def test_the_window_where_traffic_began_does_not_set_the_threshold() -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 import yaml
 
-from ml.windows import WINDOW_SECONDS
+from core.contracts import WINDOW_SECONDS
 from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, wait_for
 
 

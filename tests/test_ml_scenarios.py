@@ -1,6 +1,6 @@
 """The recurrent autoencoder on a recording of the real demo mesh (tests/data/scenarios/).
 
-The recording was made by `greymesh ml record` (ml/scenarios.py): 20 minutes of normal
+The recording was made by `greymesh ml record` (greymesh/scenarios.py): 20 minutes of normal
 traffic to train on, six faults of 2 minutes each with 1.5 minutes of recovery after
 each, then an hour of normal traffic.  Here the product's own path is replayed over it:
 `ml.model.train` on the training windows, then every later window scored in order and
@@ -17,9 +17,9 @@ import pytest
 from ml.eval import load_recording, read_recording
 from ml.features import ServiceSeries, series_by_service
 from ml.model import MeshModel, train
-from ml.scenarios import Phase, load_phases
+from greymesh.scenarios import Phase, load_phases
 from ml.scorer import Tracker
-from ml.windows import WINDOW_SECONDS
+from core.contracts import WINDOW_SECONDS
 
 DATA = Path(__file__).parent / "data" / "scenarios"
 

@@ -69,7 +69,8 @@ from envoy_data_plane.google.protobuf import Any
 import betterproto2
 
 from controlplane import sds
-from controlplane.bootstrap import XdsApi, sidecar_bootstrap
+from controlplane.bootstrap import sidecar_bootstrap
+from core.endpoints import XdsApi
 from controlplane.identity import CertificateAuthority, Svid, needs_renewal, spiffe_id
 from controlplane.xds.ads import AdsServer, start_ads_server
 from controlplane.xds.cache import SnapshotCache

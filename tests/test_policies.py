@@ -9,7 +9,6 @@ so these tests also hold the policy to the bridge's input shape.
 
 from __future__ import annotations
 
-import argparse
 import gzip
 import hashlib
 import json
@@ -30,11 +29,14 @@ from typing import TextIO
 import pytest
 from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 
-from controlplane import doctor, policy
+from controlplane import policy
 from controlplane.authz import opa_input
 from controlplane.meshspec import load_spec
-from controlplane.runtime import MeshRuntimeError
-from tapstream.decisionlog import AuditRecord, DecisionLogReceiver, opa_argv, opa_config
+from core.datadir import DataDir
+from core.installs import opa_binary, pinned_versions
+from greymesh.cli import main as greymesh_main
+from greymesh.runtime.opa import opa_argv, opa_config
+from tapstream.decisionlog import AuditRecord, DecisionLogReceiver
 from tests.support.mesh import DEMO_SPEC
 from tests.support.net import free_port
 
@@ -133,7 +135,7 @@ class Opa:
 
 @pytest.fixture
 def opa(tmp_path: Path) -> Iterator[Opa]:
-    binary = doctor.opa_binary()
+    binary = opa_binary()
     assert binary.exists(), f"no OPA at {binary}: run deploy/install.sh"
     policy_dir = tmp_path / "policies"
     shutil.copytree(policy.POLICY_DIR, policy_dir, ignore=shutil.ignore_patterns("*.md"))
@@ -175,11 +177,11 @@ def opa(tmp_path: Path) -> Iterator[Opa]:
 
 
 def test_doctor_finds_the_pinned_opa():
-    proc = subprocess.run([sys.executable, "-m", "controlplane.cli", "doctor", "--json"],
+    proc = subprocess.run([sys.executable, "-m", "greymesh.cli", "doctor", "--json"],
                           capture_output=True, text=True, timeout=60)
     row = next(r for r in json.loads(proc.stdout) if r["name"] == "opa")
-    assert row["installed"] and row["version"] == doctor.pinned_versions()["OPA_VERSION"], row
-    assert row["path"] == str(doctor.opa_binary())
+    assert row["installed"] and row["version"] == pinned_versions()["OPA_VERSION"], row
+    assert row["path"] == str(opa_binary())
 
 
 def test_the_policys_own_unit_tests_pass():
@@ -443,12 +445,8 @@ def test_opa_is_only_ever_bound_to_loopback():
 
 
 def policy_cli(*argv: str) -> int:
-    """Run `greymesh policy ARGV` through register_cli, the way the main CLI wires it."""
-    parser = argparse.ArgumentParser(prog="greymesh")
-    sub = parser.add_subparsers(required=True)
-    policy.register_cli(sub, lambda sp: sp.add_argument("--data-dir", type=Path, required=True))
-    args = parser.parse_args(["policy", *argv])
-    return args.func(args)
+    """Run `greymesh policy ARGV` in this process, through the CLI's own entry point."""
+    return greymesh_main(["policy", *argv])
 
 
 def test_the_policy_commands_use_the_data_dirs_opa(opa: Opa, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
@@ -459,7 +457,9 @@ def test_the_policy_commands_use_the_data_dirs_opa(opa: Opa, tmp_path: Path, cap
 
     assert policy_cli("test", "--dir", str(opa.policy_dir)) == 0
     assert policy_cli("push", *dd) == 0
-    assert "pushed" in capsys.readouterr().out and policy.journal_path(data_dir).exists()
+    assert "pushed" in capsys.readouterr().out and DataDir(data_dir).policy_journal.exists()
+    assert sorted(p.name for p in DataDir(data_dir).active_policy.iterdir()) == sorted(
+        p.name for p in opa.policy_dir.glob("*.rego"))  # kept for a restarted OPA
     assert policy_cli("diff", *dd) == 0 and "runs exactly" in capsys.readouterr().out
 
     doc = tmp_path / "input.json"
@@ -476,6 +476,6 @@ def test_the_policy_commands_use_the_data_dirs_opa(opa: Opa, tmp_path: Path, cap
     assert "refused:" in capsys.readouterr().err
 
 
-def test_the_policy_commands_say_when_no_opa_runs(tmp_path: Path):
-    with pytest.raises(MeshRuntimeError, match=re.escape(f"no OPA running in {tmp_path}: run `greymesh up`")):
-        policy_cli("diff", "--data-dir", str(tmp_path))
+def test_the_policy_commands_say_when_no_opa_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    assert policy_cli("diff", "--data-dir", str(tmp_path)) == 1
+    assert f"no mesh with OPA has been started in {tmp_path}: run `greymesh up` first" in capsys.readouterr().err

@@ -6,8 +6,9 @@ import shutil
 from pathlib import Path
 
 
-from controlplane import runtime
 from controlplane.meshspec import load_spec
+from core.endpoints import Endpoints
+from greymesh.runtime import local as runtime
 from tests.support.mesh import DEMO_SPEC, Mesh, get
 
 
@@ -28,13 +29,13 @@ def _our_processes(data_dir: Path) -> list[int]:
 def test_ports_are_stable_per_data_dir_and_distinct_between_them(tmp_path: Path):
     spec = load_spec(DEMO_SPEC)
     keys = [f"{i.name}.{r}" for s in spec.services for i in s.instances for r in ("app", "inbound")]
-    a, b = runtime.RuntimeState(), runtime.RuntimeState()
-    runtime._allocate(a, tmp_path / "a", keys)
-    runtime._allocate(b, tmp_path / "b", keys)
+    a, b = Endpoints(), Endpoints()
+    runtime.allocate(a, tmp_path / "a", keys)
+    runtime.allocate(b, tmp_path / "b", keys)
     assert len(set(a.ports.values())) == len(keys)
     assert not set(a.ports.values()) & set(b.ports.values())
-    again = runtime.RuntimeState(ports=dict(a.ports))
-    runtime._allocate(again, tmp_path / "a", [*keys, "extra.app"])
+    again = Endpoints(ports=dict(a.ports))
+    runtime.allocate(again, tmp_path / "a", [*keys, "extra.app"])
     assert {k: again.ports[k] for k in keys} == a.ports  # existing ports kept
     assert again.ports["extra.app"] not in a.ports.values()
 

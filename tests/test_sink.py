@@ -13,14 +13,15 @@ from typing import Any
 import pytest
 from kafka import KafkaProducer
 
-from audit import kafka as broker
+from core import contracts
+from core.kafka import ensure_topics
+from greymesh.runtime import kafka as broker
 from audit.sink import Sink
 from audit.store import Store, StoreError, table_for
-from tapstream import schema
 from tests.support.kafka import Broker
 from tests.support.mesh import wait_for
 
-TOPIC = schema.topic("l7")
+TOPIC = contracts.topic("l7")
 
 
 @pytest.fixture
@@ -28,7 +29,7 @@ def kafka(tmp_path: Path) -> Iterator[Broker]:
     b = Broker(tmp_path / "kafka")
     broker.format_storage(b.run_dir, b.config)
     b.start()
-    broker.ensure_topics(b.bootstrap, [schema.topic(layer) for layer in schema.LAYERS])
+    ensure_topics(b.bootstrap, [contracts.topic(layer) for layer in contracts.LAYERS])
     try:
         yield b
     finally:
@@ -37,7 +38,7 @@ def kafka(tmp_path: Path) -> Iterator[Broker]:
 
 def event(sidecar: str, i: int) -> dict[str, Any]:
     """A well-formed l7 event (every column of the schema, right types)."""
-    doc: dict[str, Any] = {name: (0 if kind.startswith("UInt") else "") for name, kind, _ in schema.COLUMNS["l7"]}
+    doc: dict[str, Any] = {name: (0 if kind.startswith("UInt") else "") for name, kind, _ in contracts.COLUMNS["l7"]}
     doc.update(v=1, event_id=f"{sidecar}-{i:06d}".ljust(32, "0"), time_us=1_795_000_000_000_000 + i * 1000,
                sidecar=sidecar, service="payments", direction="inbound", method="GET", path=f"/p/{i}", status=200)
     return doc
@@ -145,13 +146,13 @@ def test_anomaly_events_are_stored_with_their_scores(kafka: Broker, store: Store
 
     def anomaly(i: int, **fields: Any) -> dict[str, Any]:
         doc: dict[str, Any] = {name: (0 if kind.startswith("UInt") else 0.5 if kind == "Float64" else "")
-                               for name, kind, _ in schema.COLUMNS["anomaly"]}
+                               for name, kind, _ in contracts.COLUMNS["anomaly"]}
         return doc | {"v": 1, "event_id": f"{run}-{i}", "time_us": 1_795_000_000_000_000 + i * 10**7,
                       "service": f"svc-{run}", "state": "open", "score": 7.25, "threshold": 1.5} | fields
 
     events = [anomaly(0), anomaly(1, score=2, peak_score=3), anomaly(2, score="high")]
     producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
-    producer.send(schema.ANOMALY_TOPIC, key=b"svc", value=json.dumps(events).encode())
+    producer.send(contracts.ANOMALY_TOPIC, key=b"svc", value=json.dumps(events).encode())
     producer.flush(30)
     producer.close()
     sink = Sink(store, kafka.bootstrap, group=f"g-{run}", layers=["anomaly"])

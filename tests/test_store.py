@@ -13,8 +13,8 @@ import pytest
 
 from audit import migrations
 from audit.store import ChdbStore, ClickHouseStore, Store, StoreError, open_store, table_for
-from controlplane import doctor
-from tapstream.schema import COLUMNS, LAYERS, NAMES, RESET_FLAGS, Layer
+from greymesh import doctor
+from core.contracts import COLUMNS, LAYERS, NAMES, RESET_FLAGS, Layer
 from tests.support.clickhouse import ClickHouseServer
 from tests.support.net import free_port
 

@@ -27,8 +27,8 @@ import pytest
 from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
 from kafka.admin import NewTopic
 
-from audit import kafka as broker
-from tapstream import schema
+from core import contracts
+from greymesh.runtime import kafka as broker
 from tapstream.producer import ProducerStats, TapProducer
 from tests.support.kafka import Broker
 
@@ -120,7 +120,7 @@ def _tap_value(i: int, service: str, seq: int) -> bytes:
 
 
 def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
-    topics = [schema.topic(layer) for layer in schema.LAYERS]
+    topics = [contracts.topic(layer) for layer in contracts.LAYERS]
     _create_topics(kafka.bootstrap, topics)
     drops: list[tuple[int, int]] = []
     producer = TapProducer(kafka.bootstrap, tmp_path / "spool", on_drop=lambda r, e: drops.append((r, e)))
@@ -136,7 +136,7 @@ def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
                 if delay > 0:
                     time.sleep(delay)
                 service = SERVICES[i % len(SERVICES)]
-                topic = schema.topic(schema.LAYERS[(i // len(SERVICES)) % len(schema.LAYERS)])
+                topic = contracts.topic(contracts.LAYERS[(i // len(SERVICES)) % len(contracts.LAYERS)])
                 producer.send(topic, service, _tap_value(i, service, seq[topic, service]), events=100)
                 seq[topic, service] += 1
         except BaseException as exc:

@@ -224,7 +224,7 @@ def test_taps_cli_query_stats_and_status(mesh: Mesh):
 def test_taps_tail_follows_new_events_of_one_service(mesh: Mesh):
     agent = f"taps-e2e/{uuid.uuid4()}"
     tail = subprocess.Popen(
-        [sys.executable, "-m", "controlplane.cli", "taps", "tail", "--service", "frontend", "--layer", "l7", "--json",
+        [sys.executable, "-m", "greymesh.cli", "taps", "tail", "--service", "frontend", "--layer", "l7", "--json",
          "--data-dir", str(mesh.data_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in tail.stdout], daemon=True).start()

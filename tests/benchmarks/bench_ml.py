@@ -34,7 +34,8 @@ from ml.features import ServiceSeries, series_by_service  # noqa: E402
 from ml.model import MeshModel, ServiceModel, train  # noqa: E402
 from ml.registry import Registry  # noqa: E402
 from ml.scorer import Scorer  # noqa: E402
-from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, Window  # noqa: E402
+from core.contracts import ROLLUP_FIELDS, WINDOW_SECONDS  # noqa: E402
+from ml.windows import Window  # noqa: E402
 from tests.benchmarks.procs import machine  # noqa: E402
 
 RECORDING = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "recording.csv"

@@ -141,7 +141,7 @@ async def simulated(services: int, per_service: int, protocol: str) -> dict:
         (data / "placement.json").write_text(placement.to_json())
         xds_port, admin_port = 31990, 31991
         cp = subprocess.Popen(
-            [sys.executable, "-m", "controlplane.cli", "run-controlplane", "--data-dir", str(data),
+            [sys.executable, "-m", "greymesh.cli", "run-controlplane", "--data-dir", str(data),
              "--xds-port", str(xds_port), "--admin-port", str(admin_port)],
             stdout=open(data / "cp.log", "w"), stderr=subprocess.STDOUT,
         )

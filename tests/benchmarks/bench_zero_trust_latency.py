@@ -54,7 +54,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from controlplane import policy  # noqa: E402
-from controlplane.bootstrap import XdsApi, sidecar_bootstrap  # noqa: E402
+from controlplane.bootstrap import sidecar_bootstrap
+from core.endpoints import XdsApi  # noqa: E402
 from controlplane.doctor import opa_binary  # noqa: E402
 from controlplane.identity import CertificateAuthority  # noqa: E402
 from controlplane.meshspec import MeshSpec, load_spec  # noqa: E402
@@ -105,7 +106,7 @@ ADDED = (
 
 
 def _greymesh(*args: str) -> list[str]:
-    return [sys.executable, "-m", "controlplane.cli", *args]
+    return [sys.executable, "-m", "greymesh.cli", *args]
 
 
 # --- the in-process control planes ---------------------------------------------------------------------

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from audit import clickhouse_server as server
+from greymesh.runtime import clickhouse as server
 from audit.store import ChdbStore, ClickHouseStore, Store, StoreError
 from tests.support.net import free_port
 

@@ -6,7 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from audit import kafka as broker
+from core.kafka import wait_ready
+from greymesh.runtime import kafka as broker
 from tests.support.net import free_port
 
 READY_TIMEOUT = 90.0
@@ -30,7 +31,7 @@ class Broker:
             self.proc = subprocess.Popen(broker.broker_argv(self.config), cwd=self.run_dir,
                                          stdout=out, stderr=subprocess.STDOUT)
         try:
-            broker.wait_ready(self.bootstrap, timeout=READY_TIMEOUT)
+            wait_ready(self.bootstrap, timeout=READY_TIMEOUT)
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n--- broker log ---\n{self.log.read_text()[-4000:]}") from exc
         assert self.proc.poll() is None, self.log.read_text()[-4000:]

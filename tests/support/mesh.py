@@ -111,7 +111,7 @@ class Mesh:
 
     def cli(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         proc = subprocess.run(
-            [sys.executable, "-m", "controlplane.cli", *args, "--data-dir", str(self.data_dir)],
+            [sys.executable, "-m", "greymesh.cli", *args, "--data-dir", str(self.data_dir)],
             capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         if check and proc.returncode != 0:

@@ -10,7 +10,7 @@ generator), drives open-loop traffic at its front door, and follows a timetable:
 
 Normal traffic is Poisson arrivals at a rate that drifts slowly (+-30 % over 10 minutes)
 over a handful of API paths, so "normal" is not a flat line.  The faults are real: the
-demo services' knobs (controlplane/demo/service.py), Envoy fault injection through
+demo services' knobs (greymesh/demo/service.py), Envoy fault injection through
 mesh.yaml, a stopped process, and extra traffic.  Each phase is appended to
 ``phases.jsonl`` as it ends, so a recording cut short keeps what it had; at the end the
 roll-ups are read from the store and written, one row per (service, window), to a CSV
@@ -40,9 +40,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
-from controlplane import runtime
-from controlplane.demo.service import knobs_path
-from ml.windows import ROLLUP_FIELDS, WINDOW_SECONDS, SinkWindows
+from core.datadir import DataDir, write_atomic
+from core.endpoints import SINK_HTTP, Endpoints
+from greymesh.demo.service import knobs_path
+from greymesh.runtime import local as runtime
+from core.contracts import ROLLUP_FIELDS, WINDOW_SECONDS
+from ml.windows import SinkWindows
 
 DEMO_SPEC = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "mesh.yaml"
 NORMAL_PATHS = ("/", "/anything", "/anything/orders", "/anything/orders/42", "/anything/cart")
@@ -121,14 +124,14 @@ class Traffic:
 class Mesh:
     """What a fault needs to reach: the data dir, its working spec copy and the traffic."""
 
-    dd: runtime.DataDir
+    dd: DataDir
     spec: Path
     traffic: Traffic
 
     def set_knobs(self, service: str, **knobs: float) -> None:
         path = knobs_path(self.dd.root, service)
         path.parent.mkdir(parents=True, exist_ok=True)
-        runtime.write_atomic(path, json.dumps(knobs))
+        write_atomic(path, json.dumps(knobs))
 
     def clear_knobs(self, service: str) -> None:
         knobs_path(self.dd.root, service).unlink(missing_ok=True)
@@ -144,8 +147,7 @@ class Mesh:
         runtime.apply_spec(self.dd, self.spec)
 
     def signal_app(self, instance: str, sig: signal.Signals) -> None:
-        state = runtime.RuntimeState.load(self.dd.state)
-        os.kill(state.processes[f"app:{instance}"].pid, sig)
+        os.kill(runtime.process_pid(self.dd, f"app:{instance}"), sig)
 
 
 @dataclass(frozen=True)
@@ -195,16 +197,15 @@ def record(out_dir: Path, *, train_s: float, holdout_s: float, fault_s: float, r
            store: str | None = None, keep: bool = False, progress: Callable[[str], None] = print) -> Path:
     """Run the timetable on a fresh demo mesh under ``out_dir/mesh``; return the CSV's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    dd = runtime.DataDir(out_dir / "mesh")
+    dd = DataDir(out_dir / "mesh")
     spec = out_dir / "mesh.yaml"
     shutil.copyfile(DEMO_SPEC, spec)
     phases_path = out_dir / "phases.jsonl"
     phases_path.unlink(missing_ok=True)
     # No automatic first model: training takes both cores for a minute, which would land
     # inside a scenario and be recorded as part of it.
-    runtime.up(dd, spec, load_rps=0, watch=False, store=store, auto_train_minutes=None, progress=progress)
-    state = runtime.RuntimeState.load(dd.state)
-    traffic = Traffic(state.entrypoint or "", base_rps)
+    endpoints = runtime.up(dd, spec, load_rps=0, watch=False, store=store, auto_train_minutes=None, progress=progress)
+    traffic = Traffic(endpoints.entrypoint or "", base_rps)
     mesh = Mesh(dd, spec, traffic)
 
     def log_phase(phase: Phase) -> None:
@@ -238,12 +239,11 @@ def load_phases(path: Path) -> list[Phase]:
     return [Phase(**{**d, "affected": tuple(d["affected"])}) for d in map(json.loads, path.read_text().splitlines())]
 
 
-def export(dd: runtime.DataDir, phases_path: Path, out: Path, progress: Callable[[str], None] = print) -> Path:
+def export(dd: DataDir, phases_path: Path, out: Path, progress: Callable[[str], None] = print) -> Path:
     """Write the recorded windows with their labels (see the module docstring) to ``out``."""
     phases = load_phases(phases_path)
     train_end = next(p.end for p in phases if p.name == "train")
-    state = runtime.RuntimeState.load(dd.state)
-    source = SinkWindows(f"http://{runtime.HOST}:{state.ports[runtime.SINK_HTTP]}")
+    source = SinkWindows(Endpoints.require(dd, SINK_HTTP, "taps").url(SINK_HTTP))
     first = int(phases[0].start) // WINDOW_SECONDS * WINDOW_SECONDS
     last = int(phases[-1].end) // WINDOW_SECONDS * WINDOW_SECONDS  # the window still open at the end is left out
     rows = 0

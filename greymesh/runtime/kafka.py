@@ -1,4 +1,4 @@
-"""A single-node Apache Kafka broker (KRaft: broker and controller in one JVM) for the
+"""The launcher of a single-node Apache Kafka broker (KRaft: broker and controller in one JVM) for the
 local runtime and the tests.
 
 deploy/install.sh puts the pinned Kafka's jars (from Maven Central) in
@@ -9,21 +9,24 @@ broker owns: ``server.properties``, ``log4j2.properties`` and the data under ``d
     config = write_config(run_dir, port=9092, controller_port=9093)
     format_storage(run_dir, config)          # once; a no-op when already formatted
     proc = subprocess.Popen(broker_argv(config))
-    wait_ready("127.0.0.1:9092", timeout=60)
+    core.kafka.wait_ready("127.0.0.1:9092", timeout=60)   # readiness and topics: core/kafka.py
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import shutil
 import subprocess
-import time
 import uuid
 from pathlib import Path
 
-from controlplane.doctor import greymesh_home, pinned_versions
+from core.contracts import ALERTS_TOPIC, LAYERS, topic
+from core.installs import greymesh_home, pinned_versions
+from core.kafka import ensure_topics
 
 MAIN_CLASS = "kafka.Kafka"
+MESH_TOPICS = [*map(topic, LAYERS), ALERTS_TOPIC]  # every topic a mesh uses
 STORAGE_TOOL = "kafka.tools.StorageTool"
 # Kafka's own scripts' defaults (kafka-run-class.sh), with a heap sized for a dev box.
 JVM_OPTS = (
@@ -164,53 +167,16 @@ def broker_argv(config: Path) -> list[str]:
     ]
 
 
-def wait_ready(bootstrap: str, timeout: float) -> float:
-    """Wait until the broker at ``bootstrap`` answers as an unfenced member of its
-    cluster; returns the seconds waited, raises TimeoutError after ``timeout``."""
-    # kafka-python, imported here so the rest of the module loads without it.
-    from kafka import KafkaAdminClient
-    from kafka.errors import KafkaConfigurationError
-
-    start = time.monotonic()
-    deadline = start + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        admin = None
-        try:
-            admin = KafkaAdminClient(
-                bootstrap_servers=bootstrap, client_id="greymesh-wait-ready",
-                request_timeout_ms=5000, bootstrap_timeout_ms=2000,
-            )
-            cluster = admin.describe_cluster()
-            if any(not b.get("is_fenced") for b in cluster["brokers"]):
-                return time.monotonic() - start
-            last = RuntimeError(f"no unfenced broker yet: {cluster['brokers']}")
-        except KafkaConfigurationError:  # our mistake, not the broker's: waiting will not help
-            raise
-        except Exception as exc:  # connection refused, not yet a leader, ...
-            last = exc
-        finally:
-            if admin is not None:
-                admin.close()
-        time.sleep(0.2)
-    raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout:.0f} s (last: {last!r})")
+def main(argv: list[str] | None = None) -> int:
+    """`python -m greymesh.runtime.kafka --ensure-topics BOOTSTRAP`: create the mesh's topics
+    (what the supervisor runs once the local broker is ready)."""
+    p = argparse.ArgumentParser(prog="python -m greymesh.runtime.kafka")
+    p.add_argument("--ensure-topics", metavar="BOOTSTRAP", required=True)
+    args = p.parse_args(argv)
+    created = ensure_topics(args.ensure_topics, MESH_TOPICS)
+    print(f"created topics {', '.join(created)}" if created else "every topic exists")
+    return 0
 
 
-def ensure_topics(bootstrap: str, names: list[str], *, partitions: int = 3, replication: int = 1) -> list[str]:
-    """Create the topics of ``names`` that do not exist yet; returns those created.
-    Existing topics are left as they are (a cluster's operator may have sized them)."""
-    from kafka import KafkaAdminClient
-    from kafka.admin import NewTopic
-    from kafka.errors import TopicAlreadyExistsError
-
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="greymesh-topics", request_timeout_ms=10_000)
-    try:
-        missing = sorted(set(names) - set(admin.list_topics()))
-        if missing:
-            try:
-                admin.create_topics([NewTopic(n, partitions, replication) for n in missing])
-            except TopicAlreadyExistsError:  # another `up` got there first
-                pass
-        return missing
-    finally:
-        admin.close()
+if __name__ == "__main__":
+    raise SystemExit(main())

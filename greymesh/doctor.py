@@ -6,7 +6,6 @@ ClickHouse, ...) is one more entry in COMPONENTS.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import subprocess
@@ -14,36 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-INSTALL = "deploy/install.sh"
-# NAME=value pins of the components install.sh builds; install.sh sources the same file.
-VERSIONS_FILE = Path(__file__).resolve().parents[1] / "deploy" / "versions.env"
-
-
-def pinned_versions() -> dict[str, str]:
-    """The pins in deploy/versions.env, read here so Python and the installer cannot disagree."""
-    pins = {}
-    for line in VERSIONS_FILE.read_text().splitlines():
-        name, sep, value = line.partition("=")
-        if sep and not name.lstrip().startswith("#"):
-            pins[name.strip()] = value.strip()
-    return pins
-
-
-def greymesh_home() -> Path:
-    """The per-user home of heavy installs; the same default as deploy/install.sh."""
-    if home := os.environ.get("GREYMESH_HOME"):
-        return Path(home)
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(data) / "greymesh"
-
-
-def opa_binary() -> Path:
-    """The OPA executable greymesh runs: $GREYMESH_OPA if set (e.g. a system-wide OPA),
-    else the pinned build deploy/install.sh puts under greymesh_home()."""
-    if override := os.environ.get("GREYMESH_OPA"):
-        return Path(override)
-    return greymesh_home() / "opa" / pinned_versions()["OPA_VERSION"] / "bin" / "opa"
-
+from core.installs import INSTALL, opa_binary, pinned_versions
+from greymesh.runtime.clickhouse import server_binary
+from greymesh.runtime.kafka import kafka_home
 
 @dataclass(frozen=True)
 class Found:
@@ -91,8 +63,6 @@ def _opa() -> Found | None:
 
 
 def _kafka() -> Found | None:
-    from audit.kafka import kafka_home  # audit imports this module; import it only when asked
-
     home = kafka_home()
     if not (home / ".complete").exists():  # install.sh marks libs/ complete last
         return None
@@ -103,8 +73,6 @@ def _kafka() -> Found | None:
 
 
 def _clickhouse() -> Found | None:
-    from audit.clickhouse_server import server_binary  # like _kafka: only when asked
-
     try:
         path = server_binary()
     except FileNotFoundError:

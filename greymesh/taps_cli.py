@@ -11,23 +11,24 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from controlplane import runtime
-from tapstream import schema
+from core import contracts, jsonhttp
+from core.datadir import DataDir
+from core.endpoints import SINK_HTTP, TAPS_HTTP, Endpoints
+from core.errors import GreymeshError, NotRunning
+from core.storeclient import StoreClient
 
 
-def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) -> None:
     taps = sub.add_parser("taps", help="the audit taps: follow events live, query the store, pipe statistics",
                           description="The audit taps of the running mesh (see docs/ARCHITECTURE.md, 'Audit taps').")
     tsub = taps.add_subparsers(required=True, metavar="ACTION")
 
     sp = tsub.add_parser("tail", help="print tap events as they arrive in Kafka (Ctrl-C stops)")
     sp.add_argument("--service", help="only events of this service (the emitting sidecar's)")
-    sp.add_argument("--layer", choices=schema.LAYERS, action="append",
+    sp.add_argument("--layer", choices=contracts.LAYERS, action="append",
                     help="only this layer (repeatable; default l7)")
     sp.add_argument("--json", action="store_true", help="one JSON event per line")
     sp.add_argument("--from-beginning", action="store_true", help="start with the oldest retained events")
@@ -47,29 +48,20 @@ def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) 
     data_dir(sp)
 
 
-def _state(args: argparse.Namespace) -> runtime.RuntimeState:
-    state = runtime.RuntimeState.load(runtime.DataDir(args.data_dir).state)
-    if runtime.SINK_HTTP not in state.ports:
-        raise runtime.MeshRuntimeError(f"no mesh with taps has been started in {args.data_dir}: run `greymesh up` first")
-    return state
+def _endpoints(args: argparse.Namespace) -> Endpoints:
+    return Endpoints.require(DataDir(args.data_dir), SINK_HTTP, "taps")
 
 
-def _api(state: runtime.RuntimeState, key: str, path: str, body: dict | None = None) -> dict:
-    url = f"http://{runtime.HOST}:{state.ports[key]}{path}"
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+def _stats_of(endpoints: Endpoints, key: str) -> dict:
+    url = endpoints.url(key) + "/stats"
     try:
-        with urllib.request.urlopen(req, timeout=60) as resp:
-            return json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise runtime.MeshRuntimeError(json.loads(exc.read() or b"{}").get("error", str(exc))) from None
-    except OSError as exc:
-        raise runtime.MeshRuntimeError(f"{url} is not reachable ({exc}); is the mesh up? (`greymesh status`)") from None
+        return jsonhttp.get(url, timeout_s=60)
+    except jsonhttp.Unreachable:
+        raise NotRunning(f"{url} is not reachable; is the mesh up? (`greymesh status`)") from None
 
 
 def _query(args: argparse.Namespace) -> int:
-    doc = _api(_state(args), runtime.SINK_HTTP, "/query", {"sql": args.sql})
-    columns, rows = doc["columns"], doc["rows"]
+    columns, rows = StoreClient(_endpoints(args).url(SINK_HTTP), timeout_s=60).query(args.sql)
     if args.json:
         for row in rows:
             print(json.dumps(dict(zip(columns, row))))
@@ -85,10 +77,10 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _stats(args: argparse.Namespace) -> int:
-    state = _state(args)
+    endpoints = _endpoints(args)
 
     def sample() -> tuple[dict, dict]:
-        return _api(state, runtime.TAPS_HTTP, "/stats"), _api(state, runtime.SINK_HTTP, "/stats")
+        return _stats_of(endpoints, TAPS_HTTP), _stats_of(endpoints, SINK_HTTP)
 
     first = sample()
     t0 = time.monotonic()
@@ -124,18 +116,18 @@ def _stats(args: argparse.Namespace) -> int:
 def _tail(args: argparse.Namespace) -> int:
     from kafka import KafkaConsumer, TopicPartition
 
-    state = _state(args)
+    endpoints = _endpoints(args)
     layers = args.layer or ["l7"]
-    consumer = KafkaConsumer(bootstrap_servers=state.kafka_bootstrap(), group_id=None,
+    consumer = KafkaConsumer(bootstrap_servers=endpoints.kafka_bootstrap(), group_id=None,
                              enable_auto_commit=False, client_id="greymesh-taps-tail")
     try:
-        partitions = [TopicPartition(schema.topic(layer), p)
-                      for layer in layers for p in sorted(consumer.partitions_for_topic(schema.topic(layer)) or ())]
+        partitions = [TopicPartition(contracts.topic(layer), p)
+                      for layer in layers for p in sorted(consumer.partitions_for_topic(contracts.topic(layer)) or ())]
         if not partitions:
-            raise runtime.MeshRuntimeError(f"Kafka at {state.kafka_bootstrap()} has no tap topics; is the mesh up?")
+            raise GreymeshError(f"Kafka at {endpoints.kafka_bootstrap()} has no tap topics; is the mesh up?")
         consumer.assign(partitions)
         (consumer.seek_to_beginning if args.from_beginning else consumer.seek_to_end)(*partitions)
-        print(f"following {', '.join(map(schema.topic, layers))} at {state.kafka_bootstrap()} (Ctrl-C stops)",
+        print(f"following {', '.join(map(contracts.topic, layers))} at {endpoints.kafka_bootstrap()} (Ctrl-C stops)",
               file=sys.stderr, flush=True)
         while True:
             for records in consumer.poll(timeout_ms=1000).values():
@@ -157,7 +149,7 @@ def _print_events(record: Any, args: argparse.Namespace) -> None:
         # l3/l4/l7 events name their service; audit events the callee's SPIFFE ID (.../sa/<service>).
         if args.service and args.service not in (e.get("service"), str(e.get("callee", "")).rpartition("/")[2]):
             continue
-        print(json.dumps(e) if args.json else _line(schema.layer_of_topic(record.topic), e), flush=True)
+        print(json.dumps(e) if args.json else _line(contracts.layer_of_topic(record.topic), e), flush=True)
 
 
 def _line(layer: str, e: dict) -> str:

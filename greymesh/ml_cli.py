@@ -1,4 +1,4 @@
-"""`greymesh ml train|score|anomalies|models|rollback|eval|record`: the anomaly detector.
+"""`greymesh ml train|score|anomalies|models|rollback|eval|record`: the anomaly detector (ml/).
 
 ``train`` reads the running mesh's roll-ups (through the sink's ``/query``) and stores a
 new model version; ``score`` runs the scorer in the foreground (``greymesh up`` already
@@ -19,23 +19,26 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from controlplane import runtime
+from core.datadir import DataDir
+from core.endpoints import SINK_HTTP, Endpoints
+from core.errors import GreymeshError, InputError
+from greymesh import scenarios
 from ml import eval as ml_eval
+from ml import scorer
 from ml.detectors import DEFAULT_DETECTOR, DETECTORS
 from ml.model import TrainingError, train_from
 from ml.registry import ModelError, Registry
-from ml.windows import WINDOW_SECONDS, SinkWindows, WindowSourceError, closed_until, sql_string
+from core.contracts import WINDOW_SECONDS
+from core.storeclient import StoreClient, sql_string
+from ml.windows import SinkWindows, closed_until
 
 
 def registry_of(data_dir: Path) -> Registry:
-    return Registry(runtime.DataDir(data_dir).models)
+    return Registry(DataDir(data_dir).models)
 
 
-def _sink(data_dir: Path) -> SinkWindows:
-    state = runtime.RuntimeState.load(runtime.DataDir(data_dir).state)
-    if runtime.SINK_HTTP not in state.ports:
-        raise runtime.MeshRuntimeError(f"no mesh with taps has been started in {data_dir}: run `greymesh up` first")
-    return SinkWindows(f"http://{runtime.HOST}:{state.ports[runtime.SINK_HTTP]}")
+def _sink_url(data_dir: Path) -> str:
+    return Endpoints.require(DataDir(data_dir), SINK_HTTP, "taps").url(SINK_HTTP)
 
 
 def _when(text: str) -> int:
@@ -57,7 +60,7 @@ def _when(text: str) -> int:
     return int(parsed.timestamp())
 
 
-def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) -> None:
     ml = sub.add_parser("ml", help="anomaly detection: train, score, list anomalies, evaluate",
                         description="The anomaly detector (see docs/ARCHITECTURE.md, 'Anomaly detection').")
     msub = ml.add_subparsers(required=True, metavar="ACTION")
@@ -127,26 +130,24 @@ def register_cli(sub: Any, data_dir: Callable[[argparse.ArgumentParser], None]) 
 
 def _train(args: argparse.Namespace) -> int:
     if args.until <= args.since:
-        raise runtime.MeshRuntimeError(f"--until ({args.until}) must be after --since ({args.since})")
+        raise InputError(f"--until ({args.until}) must be after --since ({args.since})")
     since = args.since // WINDOW_SECONDS * WINDOW_SECONDS
     until = min(args.until // WINDOW_SECONDS * WINDOW_SECONDS, closed_until(time.time()))
     print(f"reading windows {_iso(since)} .. {_iso(until)} from the store", flush=True)
     try:
-        model = train_from(_sink(args.data_dir), args.detector, {"seed": args.seed}, since=since, until=until,
+        model = train_from(SinkWindows(_sink_url(args.data_dir)), args.detector, {"seed": args.seed}, since=since, until=until,
                            progress=lambda m: print(m, flush=True))
-    except (WindowSourceError, TrainingError) as exc:
-        raise runtime.MeshRuntimeError(str(exc)) from None
+    except TrainingError as exc:
+        raise GreymeshError(str(exc)) from None
     version = registry_of(args.data_dir).save(model)
     print(f"saved model {version} ({len(model.services)} services) and made it current; the scorer picks it up")
     return 0
 
 
 def _score(args: argparse.Namespace) -> int:
-    from ml import scorer
-
-    state = runtime.RuntimeState.load(runtime.DataDir(args.data_dir).state)
-    worker = scorer.Scorer(_sink(args.data_dir), registry_of(args.data_dir),
-                           scorer.kafka_emitter(state.kafka_bootstrap()))
+    url = _sink_url(args.data_dir)
+    worker = scorer.Scorer(SinkWindows(url), registry_of(args.data_dir),
+                           scorer.kafka_emitter(Endpoints.load(DataDir(args.data_dir)).kafka_bootstrap()))
     stop = threading.Event()
     print("scoring each new window (Ctrl-C stops)", flush=True)
     try:
@@ -160,12 +161,9 @@ def _anomalies(args: argparse.Namespace) -> int:
     where = f"window >= {int(args.since)}"
     if args.service:
         where += f" AND service = {sql_string(args.service)}"
-    try:
-        columns, rows = _sink(args.data_dir).query(
-            "SELECT service, anomaly_id, state, window, score, threshold, peak_score, windows, explanation, "
-            f"model_version FROM anomalies WHERE {where} ORDER BY window DESC, state LIMIT 1000")
-    except WindowSourceError as exc:
-        raise runtime.MeshRuntimeError(str(exc)) from None
+    columns, rows = StoreClient(_sink_url(args.data_dir)).query(
+        "SELECT service, anomaly_id, state, window, score, threshold, peak_score, windows, explanation, "
+        f"model_version FROM anomalies WHERE {where} ORDER BY window DESC, state LIMIT 1000")
     if args.json:
         for r in rows:
             print(json.dumps(dict(zip(columns, r))))
@@ -186,7 +184,7 @@ def _models(args: argparse.Namespace) -> int:
             reg.use(args.use)
             print(f"{args.use} is now current")
     except ModelError as exc:
-        raise runtime.MeshRuntimeError(str(exc)) from None
+        raise GreymeshError(str(exc)) from None
     current = reg.current()
     versions = reg.versions()
     if not versions:
@@ -206,7 +204,7 @@ def _rollback(args: argparse.Namespace) -> int:
     try:
         version = registry_of(args.data_dir).rollback()
     except ModelError as exc:
-        raise runtime.MeshRuntimeError(str(exc)) from None
+        raise GreymeshError(str(exc)) from None
     print(f"{version} is now current; the scorer picks it up within seconds")
     return 0
 
@@ -247,11 +245,9 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _record(args: argparse.Namespace) -> int:
-    from ml import scenarios
-
     progress = lambda m: print(m, flush=True)  # noqa: E731
     if args.export_only:
-        out = scenarios.export(runtime.DataDir(args.out / "mesh"), args.out / "phases.jsonl",
+        out = scenarios.export(DataDir(args.out / "mesh"), args.out / "phases.jsonl",
                                args.out / "recording.csv", progress)
     else:
         out = scenarios.record(args.out, train_s=args.train_minutes * 60, holdout_s=args.holdout_minutes * 60,

@@ -7,7 +7,9 @@ tally of outcomes to a JSON file that `greymesh status` reads.
 
 from __future__ import annotations
 
+import argparse
 import json
+import logging
 import time
 import urllib.error
 import urllib.request
@@ -16,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from threading import Lock
 
-from controlplane.runtime import write_atomic
+from core.datadir import write_atomic
 
 
 def run(url: str, rps: float, tally_path: Path, timeout_s: float = 5.0) -> None:
@@ -48,3 +50,22 @@ def run(url: str, rps: float, tally_path: Path, timeout_s: float = 5.0) -> None:
                 write_atomic(tally_path, json.dumps({"url": url, "rps": rps, "outcomes": snapshot, "at": time.time()}))
                 last_write = now
             time.sleep(max(0.0, next_send - time.monotonic()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m greymesh.demo.loadgen`: steady demo load at the front door (a workload of the runtime)."""
+    p = argparse.ArgumentParser(prog="python -m greymesh.demo.loadgen", description="Send steady demo load.")
+    p.add_argument("--url", required=True)
+    p.add_argument("--rps", type=float, required=True)
+    p.add_argument("--tally", type=Path, required=True, help="where the outcome counts are written every second")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        run(args.url, args.rps, args.tally)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

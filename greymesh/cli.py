@@ -1,29 +1,27 @@
-"""The `greymesh` command.
+"""The `greymesh` command: the top floor, which composes the stages and is imported by nothing.
 
-User commands: up, down, status, apply, policy (test, push, diff, eval), ca rotate,
+User commands: up, down, status, apply, scale, policy (test, push, diff, eval), ca rotate,
 taps (tail, query, stats), ml (train, score, anomalies, models, rollback, eval, record),
-doctor.  The run-* commands are what `up` starts as separate
-processes (control plane, demo services, load generator); they are listed under
-"internal" in --help.  The tap service, the sink and the anomaly scorer run as
-`python -m tapstream.service`, `python -m audit.sink` and `python -m ml.scorer`.
-Exit codes: 0 done, 1 failed at run time, 2 refused input (the message says why).
+doctor.  Every process a mesh runs is a row of the runtime's workload table, started as
+``python -m <module>`` by the supervisor (greymesh/runtime/).
+Exit codes: 0 done, 1 failed at run time (or: `status` of a mesh that is not all up),
+2 refused input (the message says why).
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
-import logging
 import sys
 import time
 from pathlib import Path
 
-from controlplane import runtime
 from controlplane.meshspec import SpecError
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPE_ORDER
-
-DEMO_SPEC = Path(__file__).resolve().parents[1] / "deploy" / "demo" / "mesh.yaml"
+from core.datadir import DataDir, default_data_dir
+from core.errors import GreymeshError
+from greymesh import doctor, ml_cli, policy_cli, taps_cli
+from greymesh.runtime import local as runtime
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,9 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     except SpecError as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 2
-    except runtime.MeshRuntimeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+    except GreymeshError as exc:
+        print(f"{exc.prefix}: {exc}", file=sys.stderr)
+        return exc.exit_code
     except KeyboardInterrupt:
         return 130
 
@@ -50,11 +48,13 @@ def _parser() -> argparse.ArgumentParser:
         return sp
 
     def data_dir(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--data-dir", type=Path, default=runtime.default_data_dir(),
+        sp.add_argument("--data-dir", type=Path, default=default_data_dir(),
                         help="where the mesh keeps all its state (default: %(default)s)")
 
     sp = cmd("up", _up, "start the local mesh (or what of it is not running) and return once it serves")
-    sp.add_argument("spec", nargs="?", type=Path, help=f"mesh.yaml (default: the demo mesh, {DEMO_SPEC})")
+    sp.add_argument("spec", nargs="?", type=Path,
+                    help="mesh.yaml; it becomes the watched file (default: the watched file, or on a new data dir "
+                         "a copy of the demo mesh in the data dir)")
     data_dir(sp)
     sp.add_argument("--xds-api", choices=("delta", "sotw"), default="delta",
                     help="xDS variant the sidecars use (default: %(default)s)")
@@ -71,71 +71,45 @@ def _parser() -> argparse.ArgumentParser:
     sp = cmd("down", _down, "stop everything `up` started in the data dir")
     data_dir(sp)
 
-    sp = cmd("status", _status, "show processes and every sidecar's xDS state")
+    sp = cmd("status", _status, "show every workload (state, restarts, last exit), instance and sidecar; "
+                                "exit 1 unless all of it runs")
     data_dir(sp)
     sp.add_argument("--json", action="store_true", help="machine-readable output")
 
-    sp = cmd("apply", _apply, "validate a mesh.yaml and push it to the running control plane")
+    sp = cmd("apply", _apply, "validate a mesh.yaml, push it to the running control plane and watch that file")
     sp.add_argument("spec", type=Path)
+    data_dir(sp)
+
+    sp = cmd("scale", _scale, "run N instances of SERVICE[/SUBSET] (app + sidecar); removal drains first")
+    sp.add_argument("target", metavar="SERVICE[/SUBSET]")
+    sp.add_argument("count", type=int, metavar="N")
     data_dir(sp)
 
     sp = cmd("ca", _ca_rotate, "rotate the mesh's root CA without dropping a connection (docs/identity.md)")
     sp.add_argument("action", choices=("rotate",))
     data_dir(sp)
 
-    from controlplane import policy  # its OPA client loads lazily; this only adds the subcommands
-
-    policy.register_cli(sub, data_dir)
-
-    from audit import cli as taps_cli
-    from ml import cli as ml_cli
-
-    taps_cli.register_cli(sub, data_dir)
-    ml_cli.register_cli(sub, data_dir)
+    policy_cli.register(sub, data_dir)
+    taps_cli.register(sub, data_dir)
+    ml_cli.register(sub, data_dir)
 
     sp = cmd("doctor", _doctor, "list the external components greymesh uses and how to install missing ones")
     sp.add_argument("--json", action="store_true")
     sp.add_argument("--component", help=argparse.SUPPRESS)
     sp.add_argument("--version-only", action="store_true", help=argparse.SUPPRESS)
-
-    sp = cmd("run-controlplane", _run_controlplane, "internal: the control-plane process")
-    data_dir(sp)
-    sp.add_argument("--host", default="127.0.0.1", help="address for xDS and admin (default: loopback)")
-    sp.add_argument("--xds-port", type=int, required=True)
-    sp.add_argument("--admin-port", type=int, required=True)
-    sp.add_argument("--watch", type=Path)
-    sp.add_argument("--opa-port", type=int, help="keep this OPA's mesh data in sync with the spec")
-
-    sp = cmd("run-service", _run_service, "internal: a demo service")
-    data_dir(sp)
-    for flag in ("--service", "--instance", "--subset"):
-        sp.add_argument(flag, required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--egress-port", type=int, required=True)
-    sp.add_argument("--calls", default="")
-
-    sp = cmd("run-authz", _run_authz, "internal: the ext_authz bridge between the sidecars and OPA")
-    data_dir(sp)
-    sp.add_argument("--host", default="127.0.0.1")
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--opa-port", type=int, required=True)
-
-    sp = cmd("run-loadgen", _run_loadgen, "internal: the demo load generator")
-    data_dir(sp)
-    sp.add_argument("--url", required=True)
-    sp.add_argument("--rps", type=float, required=True)
     return p
 
 
-# --- user commands ------------------------------------------------------------------
+# --- commands --------------------------------------------------------------------------
 
 
 def _up(args: argparse.Namespace) -> int:
-    dd = runtime.DataDir(args.data_dir)
-    spec = args.spec or (dd.spec if dd.spec.exists() else DEMO_SPEC)
-    state = runtime.up(dd, spec, xds_api=args.xds_api, load_rps=args.rps, watch=not args.no_watch,
-                       kafka=args.kafka, store=args.store, progress=_progress)
-    print(f"mesh is up: entrypoint {state.entrypoint}  (data dir {dd.root}; `greymesh status`, `greymesh down`)")
+    dd = DataDir(args.data_dir)
+    spec = args.spec or runtime.default_spec(dd)
+    endpoints = runtime.up(dd, spec, xds_api=args.xds_api, load_rps=args.rps, watch=not args.no_watch,
+                           kafka=args.kafka, store=args.store, progress=_progress)
+    print(f"mesh is up: entrypoint {endpoints.entrypoint}  (spec {spec.resolve()}, data dir {dd.root}; "
+          f"`greymesh status --data-dir {dd.root}`, `greymesh down --data-dir {dd.root}`)")
     if not args.foreground:
         return 0
     try:
@@ -149,40 +123,46 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    n = runtime.down(runtime.DataDir(args.data_dir), progress=_progress)
-    print(f"stopped {n} process(es)" if n else "nothing was running")
+    n = runtime.down(DataDir(args.data_dir), progress=_progress)
+    print(f"stopped {n} workload(s)" if n else "nothing was running")
     return 0
 
 
 def _status(args: argparse.Namespace) -> int:
-    doc = runtime.status(runtime.DataDir(args.data_dir))
+    doc = runtime.status(DataDir(args.data_dir))
     if args.json:
         print(json.dumps(doc, indent=2))
+    elif doc["mesh"] is None:
+        print(f"no mesh has been started in {args.data_dir} (`greymesh up --data-dir {args.data_dir}` starts one)")
     else:
         print(_render_status(doc))
-    healthy = all(p["running"] for p in doc["processes"].values()) and "error" not in doc.get("controlplane", {})
-    return 0 if healthy else 1
+    return 0 if runtime.healthy(doc) else 1
 
 
 def _apply(args: argparse.Namespace) -> int:
-    result = runtime.apply_spec(runtime.DataDir(args.data_dir), args.spec)
+    result = runtime.apply_spec(DataDir(args.data_dir), args.spec)
     changed = result.get("changed", [])
-    print(f"applied {args.spec}: {len(changed)} sidecar(s) get new config" + (f": {', '.join(changed)}" if changed else ""))
+    print(f"applied {args.spec} (now the watched file): {len(changed)} sidecar(s) get new config"
+          + (f": {', '.join(changed)}" if changed else ""))
+    return 0
+
+
+def _scale(args: argparse.Namespace) -> int:
+    names = runtime.scale(DataDir(args.data_dir), args.target, args.count, progress=_progress)
+    print(f"{args.target}: {len(names)} instance(s): {', '.join(names)}")
     return 0
 
 
 def _ca_rotate(args: argparse.Namespace) -> int:
     print("rotating the root: new root into every bundle, then new SVIDs, then the old root out "
           "(each step waits for every sidecar's ACK)", flush=True)
-    result = runtime.rotate_root(runtime.DataDir(args.data_dir))
+    result = runtime.rotate_root(DataDir(args.data_dir))
     print(f"rotated {result['trust_domain']}: new root {result['new_root_serial']}, "
           f"{len(result['retired_roots'])} old root(s) retired, {result['sidecars']} SVIDs re-issued")
     return 0
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from controlplane import doctor
-
     rows, ok = doctor.report()
     if args.component:
         row = next((r for r in rows if r["name"] == args.component), None)
@@ -198,48 +178,6 @@ def _doctor(args: argparse.Namespace) -> int:
         print(f"{r['name']:<12} {r['purpose']:<40} pinned {r['pinned']:<28} {state}")
     print("all components installed" if ok else "some components are missing: run the install command shown")
     return 0 if ok else 1
-
-
-# --- internal commands ----------------------------------------------------------------
-
-
-def _logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _run_controlplane(args: argparse.Namespace) -> int:
-    from controlplane import daemon
-
-    _logging()
-    asyncio.run(daemon.run(runtime.DataDir(args.data_dir), host=args.host, xds_port=args.xds_port,
-                           admin_port=args.admin_port, watch=args.watch, opa_port=args.opa_port))
-    return 0
-
-
-def _run_service(args: argparse.Namespace) -> int:
-    from controlplane.demo import service
-
-    _logging()
-    calls = tuple(c for c in args.calls.split(",") if c)
-    service.serve(service.ServiceConfig(args.service, args.instance, args.subset, args.port, args.egress_port, calls,
-                                        knobs=service.knobs_path(args.data_dir, args.service)))
-    return 0
-
-
-def _run_authz(args: argparse.Namespace) -> int:
-    from controlplane import authz
-
-    _logging()
-    authz.serve(args.host, args.port, "127.0.0.1", args.opa_port).wait_for_termination()
-    return 0
-
-
-def _run_loadgen(args: argparse.Namespace) -> int:
-    from controlplane.demo import loadgen
-
-    _logging()
-    loadgen.run(args.url, args.rps, runtime.DataDir(args.data_dir).loadgen_tally)
-    return 0
 
 
 # --- rendering -------------------------------------------------------------------------
@@ -265,7 +203,8 @@ def _one_line_summary(doc: dict) -> str:
 
 
 def _render_status(doc: dict) -> str:
-    lines = [f"data dir:   {doc['data_dir']}", f"entrypoint: {doc.get('entrypoint') or '-'}"]
+    lines = [f"data dir:   {doc['data_dir']}", f"entrypoint: {doc.get('entrypoint') or '-'}",
+             f"watching:   {doc.get('spec_source') or '-'}"]
     cp = doc.get("controlplane", {})
     spec = cp.get("spec")
     if spec:
@@ -278,9 +217,20 @@ def _render_status(doc: dict) -> str:
     if "error" in cp:
         lines.append(f"control plane: {cp['error']}")
     lines.append("")
-    lines.append(f"{'PROCESS':<28} {'PID':>7}  STATE")
+    sv = doc["supervisor"]
+    lines.append(f"supervisor: pid {sv['pid']}" if sv["running"] else
+                 f"supervisor: NOT RUNNING, nothing restarts a workload that exits (`greymesh up` starts it; "
+                 f"log {sv['log']})")
+    lines.append(f"{'WORKLOAD':<28} {'PID':>7}  {'STATE':<12} {'RESTARTS':>8}  LAST EXIT")
     for name, p in doc["processes"].items():
-        lines.append(f"{name:<28} {p['pid']:>7}  {'running' if p['running'] else 'STOPPED  (log: ' + p['log'] + ')'}")
+        lines.append(f"{name:<28} {p['pid'] or '-':>7}  {p['state']:<12} {p['restarts']:>8}  {_last_exit(p)}"
+                     + (f"   ({p['error']}; log {p['log']})" if p["error"] and not p["ready"] else ""))
+    if doc.get("instances"):
+        lines.append("")
+        lines.append("INSTANCES")
+        for target, insts in doc["instances"].items():
+            names = ", ".join(i["name"] + ("" if i["serving"] else " (not serving)") for i in insts)
+            lines.append(f"  {target:<24} {len(insts)}: {names}")
     nodes = cp.get("nodes", {})
     if nodes:
         lines.append("")
@@ -300,6 +250,14 @@ def _render_status(doc: dict) -> str:
     if "ml" in doc:
         lines += ["", _render_ml(doc["ml"])]
     return "\n".join(lines)
+
+
+def _last_exit(p: dict) -> str:
+    e = p.get("last_exit")
+    if not e:
+        return "-"
+    how = f"code {e['code']}" if e["code"] is not None else (f"signal {e['signal']}" if e["signal"] else "gone")
+    return f"{how} at {time.strftime('%H:%M:%S', time.localtime(e['at']))} after {e['ran_s']:.1f} s"
 
 
 def _render_ml(ml: dict) -> str:

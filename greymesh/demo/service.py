@@ -15,6 +15,7 @@ re-reads the file at most once a second, so a change applies without a restart.
 
 from __future__ import annotations
 
+import argparse
 import http.client
 import json
 import logging
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from http.server import ThreadingHTTPServer
 from pathlib import Path
 
-from controlplane import jsonhttp
+from core import jsonhttp
 
 log = logging.getLogger("greymesh.demo")
 
@@ -176,3 +177,27 @@ def serve(cfg: ServiceConfig) -> None:
     log.info("%s (%s/%s) listening on 127.0.0.1:%d, egress via :%d, calls %s",
              cfg.instance, cfg.service, cfg.subset, cfg.port, cfg.egress_port, list(cfg.calls) or "nothing")
     server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m greymesh.demo.service`: one demo service instance (a workload of the runtime)."""
+    p = argparse.ArgumentParser(prog="python -m greymesh.demo.service", description="Run one demo service instance.")
+    p.add_argument("--data-dir", type=Path, required=True)
+    for flag in ("--service", "--instance", "--subset"):
+        p.add_argument(flag, required=True)
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--egress-port", type=int, required=True)
+    p.add_argument("--calls", default="")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    calls = tuple(c for c in args.calls.split(",") if c)
+    try:
+        serve(ServiceConfig(args.service, args.instance, args.subset, args.port, args.egress_port, calls,
+                            knobs=knobs_path(args.data_dir, args.service)))
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,215 @@
+"""The runtime as data: a table of workloads, built from mesh.yaml, the placement and the
+mesh's endpoints.
+
+Every process greymesh runs is one :class:`Workload` row: its name, argv, extra
+environment, the ports it listens on, how to tell it is ready, what must be ready
+before it starts, its restart policy and what it belongs to.  The local supervisor
+(greymesh/runtime/supervisor.py) runs the table; a Kubernetes renderer reads the same
+rows.  Every component starts one way: ``python -m <module>`` with flags (its
+``main(argv)``), except the external binaries (Kafka's JVM, OPA, Envoy).
+
+The table is saved as the data dir's ``workloads.json``; the supervisor re-reads it when
+it changes, so `up`, `scale` and a spec change only rewrite the table.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from controlplane.bootstrap import sidecar_bootstrap
+from controlplane.meshspec import MeshSpec
+from controlplane.placement import Placement
+from core.datadir import DataDir, write_atomic
+from core.endpoints import (
+    AUTHZ, CP_ADMIN, CP_XDS, HOST, KAFKA, OPA_HTTP, SINK_HTTP, TAPS_GRPC, TAPS_HTTP, Endpoints,
+)
+from core.installs import opa_binary
+from greymesh.runtime import kafka as broker
+from greymesh.runtime.opa import opa_argv
+
+ProbeKind = Literal["http", "tcp", "kafka", "none"]
+Restart = Literal["always", "never"]
+
+
+@dataclass(frozen=True)
+class Probe:
+    """How the supervisor tells a workload is ready: an HTTP 200 at ``target`` (a URL),
+    a TCP connect to ``target`` (host:port), a ready Kafka broker at ``target``
+    (bootstrap servers), or nothing to wait for."""
+
+    kind: ProbeKind
+    target: str = ""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str  # unique: "controlplane", "envoy:orders-1", "app:orders-1", ...
+    argv: tuple[str, ...]
+    owner: str  # "infrastructure", "mesh", or "instance:<service>/<subset>/<instance>"
+    ready: Probe = Probe("none")
+    after: tuple[str, ...] = ()  # workloads that must be ready before this one starts
+    ports: tuple[str, ...] = ()  # Endpoints.ports keys it listens on
+    env: tuple[tuple[str, str], ...] = ()  # added to the supervisor's environment
+    restart: Restart = "always"
+    on_ready: tuple[str, ...] = ()  # argv run after every start, once ready; the workload counts
+    # as ready only when it succeeded (OPA: restore the last pushed policy)
+    stop_grace_s: float = 10.0  # SIGTERM, then SIGKILL after this long
+
+    @property
+    def instance(self) -> str | None:
+        """The mesh instance this workload is part of (its app or its sidecar), if any."""
+        return self.owner.rsplit("/", 1)[-1] if self.owner.startswith("instance:") else None
+
+
+@dataclass(frozen=True)
+class Options:
+    """What `up` was asked for, beyond the spec."""
+
+    load_rps: float = 5.0
+    watch: bool = True
+    auto_train_minutes: float | None = 20.0  # the scorer trains the first model after this much traffic
+
+
+@dataclass
+class Table:
+    workloads: list[Workload] = field(default_factory=list)
+    options: Options = field(default_factory=Options)  # what it was built with (scale rebuilds it alike)
+
+    def names(self) -> list[str]:
+        return [w.name for w in self.workloads]
+
+    def get(self, name: str) -> Workload | None:
+        return next((w for w in self.workloads if w.name == name), None)
+
+    def save(self, dd: DataDir) -> None:
+        write_atomic(dd.workloads, json.dumps({"options": asdict(self.options),
+                                               "workloads": [asdict(w) for w in self.workloads]}, indent=2))
+
+    @classmethod
+    def load(cls, dd: DataDir) -> Table:
+        if not dd.workloads.exists():
+            return cls()
+        doc = json.loads(dd.workloads.read_text())
+        return cls([_workload(raw) for raw in doc["workloads"]], Options(**doc["options"]))
+
+    def problems(self) -> list[str]:
+        """What makes the table unrunnable: duplicate names, unknown or circular dependencies."""
+        names = self.names()
+        problems = [f"workload {n!r} appears more than once" for n in sorted({n for n in names if names.count(n) > 1})]
+        known = set(names)
+        for w in self.workloads:
+            problems += [f"workload {w.name!r} waits for {d!r}, which is not in the table" for d in w.after
+                         if d not in known]
+        if not problems:
+            try:
+                start_order(self.workloads)
+            except ValueError as exc:
+                problems.append(str(exc))
+        return problems
+
+
+def _workload(raw: dict) -> Workload:
+    return Workload(**(raw | {"argv": tuple(raw["argv"]), "ready": Probe(**raw["ready"]), "after": tuple(raw["after"]),
+                              "ports": tuple(raw["ports"]), "env": tuple(tuple(e) for e in raw["env"]),
+                              "on_ready": tuple(raw["on_ready"])}))
+
+
+def start_order(workloads: Iterable[Workload]) -> list[Workload]:
+    """Dependencies first (a stable topological order); ValueError on a cycle."""
+    pending = {w.name: w for w in workloads}
+    order: list[Workload] = []
+    done: set[str] = set()
+    while pending:
+        ready = [w for w in pending.values() if all(d in done or d not in pending for d in w.after)]
+        if not ready:
+            raise ValueError(f"workloads wait for each other in a circle: {', '.join(sorted(pending))}")
+        for w in ready:
+            order.append(w)
+            done.add(w.name)
+            del pending[w.name]
+    return order
+
+
+def _python(module: str, *args: str) -> tuple[str, ...]:
+    return (sys.executable, "-m", module, *args)
+
+
+def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placement, envoy: str,
+          options: Options) -> Table:
+    """The whole mesh as a table: infrastructure, the audit pipe, authorization, the control
+    plane, every placed instance (app + sidecar) and the demo load."""
+    p = endpoints.ports
+    kafka = endpoints.kafka_bootstrap()
+    rows: list[Workload] = []
+    pipe_after: tuple[str, ...] = ()
+    if endpoints.kafka is None:
+        rows.append(Workload(
+            "kafka", tuple(broker.broker_argv(dd.root / "kafka" / "server.properties")), "infrastructure",
+            ready=Probe("kafka", kafka), ports=(KAFKA,), stop_grace_s=30.0,
+            on_ready=_python("greymesh.runtime.kafka", "--ensure-topics", kafka)))
+        pipe_after = ("kafka",)
+    rows.append(Workload(
+        "taps", _python("tapstream.service", "--data-dir", str(dd.root), "--grpc-port", str(p[TAPS_GRPC]),
+                        "--http-port", str(p[TAPS_HTTP]), "--kafka", kafka),
+        "infrastructure", ready=Probe("http", endpoints.url(TAPS_HTTP) + "/stats"), after=pipe_after,
+        ports=(TAPS_GRPC, TAPS_HTTP)))
+    rows.append(Workload(
+        "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, "--http-port", str(p[SINK_HTTP]),
+                        *(["--store", endpoints.store] if endpoints.store else [])),
+        "infrastructure", ready=Probe("http", endpoints.url(SINK_HTTP) + "/stats"), after=pipe_after,
+        ports=(SINK_HTTP,), stop_grace_s=30.0))
+    rows.append(Workload(
+        "scorer", _python("ml.scorer", "--sink-url", endpoints.url(SINK_HTTP), "--kafka", kafka,
+                          "--registry", str(dd.models), "--stats", str(dd.scorer_stats),
+                          *(["--auto-train-minutes", str(options.auto_train_minutes)]
+                            if options.auto_train_minutes is not None else [])),
+        "infrastructure", after=("sink",)))
+    opa_url = endpoints.url(OPA_HTTP)
+    rows.append(Workload(
+        "opa", tuple(opa_argv(opa_binary(), f"{HOST}:{p[OPA_HTTP]}", dd.root / "opa" / "config.json")),
+        "infrastructure", ready=Probe("http", opa_url + "/health"), after=("taps",), ports=(OPA_HTTP,),
+        on_ready=_python("controlplane.policy", "--opa-url", opa_url, "--kept", str(dd.active_policy),
+                         "--journal", str(dd.policy_journal))))
+    rows.append(Workload(
+        "authz", _python("controlplane.authz", "--port", str(p[AUTHZ]), "--opa-port", str(p[OPA_HTTP])),
+        "mesh", ready=Probe("tcp", f"{HOST}:{p[AUTHZ]}"), after=("opa",), ports=(AUTHZ,)))
+    rows.append(Workload(
+        "controlplane", _python("controlplane.daemon", "--data-dir", str(dd.root), "--xds-port", str(p[CP_XDS]),
+                                "--admin-port", str(p[CP_ADMIN]), "--opa-port", str(p[OPA_HTTP]),
+                                *(["--watch"] if options.watch else [])),
+        "mesh", ready=Probe("http", endpoints.url(CP_ADMIN) + "/healthz"), after=("opa",), ports=(CP_XDS, CP_ADMIN)))
+    calls = {s.name: s.calls for s in spec.services}
+    for name, placed in sorted(placement.sidecars.items()):
+        owner = f"instance:{placed.service}/{placed.subset}/{name}"
+        rows.append(Workload(
+            f"app:{name}", _python("greymesh.demo.service", "--data-dir", str(dd.root), "--service", placed.service,
+                                   "--instance", name, "--subset", placed.subset, "--port", str(placed.app),
+                                   "--egress-port", str(placed.outbound),
+                                   "--calls", ",".join(calls.get(placed.service, ()))),
+            owner, ready=Probe("tcp", f"{HOST}:{placed.app}")))
+        rows.append(Workload(
+            f"envoy:{name}", (envoy, "-c", str(dd.bootstrap(name)), "--disable-hot-restart", "--concurrency", "1",
+                              "--log-level", "warning", "--service-node", name, "--service-cluster", placed.service,
+                              "--drain-time-s", "2"),
+            owner, ready=Probe("http", f"http://{HOST}:{placed.admin}/ready"),
+            after=("controlplane", "authz", "taps", f"app:{name}")))
+    if options.load_rps > 0 and endpoints.entrypoint:
+        sidecars = tuple(w.name for w in rows if w.name.startswith("envoy:"))
+        rows.append(Workload(
+            "loadgen", _python("greymesh.demo.loadgen", "--url", endpoints.entrypoint, "--rps", str(options.load_rps),
+                               "--tally", str(dd.loadgen_tally)),
+            "mesh", after=sidecars))
+    return Table(rows, options)
+
+
+def write_sidecar_files(dd: DataDir, placement: Placement, endpoints: Endpoints) -> None:
+    """Each placed instance's Envoy bootstrap (static: everything else comes over xDS)."""
+    for name, placed in placement.sidecars.items():
+        write_atomic(dd.bootstrap(name), json.dumps(sidecar_bootstrap(
+            node_id=name, service=placed.service, admin_host=HOST, admin_port=placed.admin,
+            xds_host=HOST, xds_port=endpoints.ports[CP_XDS], xds_api=endpoints.xds_api,
+        ), indent=2))
