@@ -42,8 +42,8 @@ from core import jsonhttp
 from core import kafka as kafka_client
 from core.datadir import DataDir, write_atomic
 from core.endpoints import (
-    AUTHZ, CP_ADMIN, HOST, HOST_KEYS, KAFKA, KAFKA_CONTROLLER, SIDECAR_ROLES, SINK_HTTP, TAPS_GRPC, TAPS_HTTP, Endpoints,
-    XdsApi,
+    AUTHZ, CP_ADMIN, HOST, HOST_KEYS, KAFKA, KAFKA_CONTROLLER, SIDECAR_ROLES, SINK_HTTP, TAP_SERVICES, TAPS_HTTP,
+    Endpoints, XdsApi,
 )
 from core.errors import GreymeshError, InputError, NotRunning
 from greymesh.runtime import kafka as broker
@@ -165,7 +165,8 @@ def place(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, previous: Placement
         ports = {role: endpoints.ports[f"{name}.{role}"] for role in SIDECAR_ROLES}
         serving = old[name].serving if name in old else True
         sidecars[name] = SidecarPorts(**ports, service=service, subset=subset, serving=serving)
-    return Placement(host=HOST, sidecars=sidecars, authz=endpoints.ports[AUTHZ], taps=endpoints.ports[TAPS_GRPC])
+    taps = tuple(endpoints.ports[als] for _, als, _ in TAP_SERVICES)  # every sidecar streams to each of them
+    return Placement(host=HOST, sidecars=sidecars, authz=endpoints.ports[AUTHZ], taps=taps)
 
 
 # --- the supervisor -------------------------------------------------------------------
@@ -355,7 +356,7 @@ def down(dd: DataDir, progress: Progress = print) -> int:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 120
-            while sup.is_running(dd) and time.monotonic() < deadline:
+            while _exists(pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
         # Whatever outlived a supervisor that was killed: stop it here, dependents first.
         for w in reversed(workloads.start_order(live)):
@@ -364,6 +365,16 @@ def down(dd: DataDir, progress: Progress = print) -> int:
                 progress(f"stopping {w.name} (left without a supervisor)")
                 sup.terminate(s.pid, list(w.argv), w.stop_grace_s)
         return len(live)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # --- spec, placement, CA ---------------------------------------------------------------

@@ -31,12 +31,19 @@ class Reply:
 
     def subsets_seen(self, service: str) -> set[str]:
         """Subsets of `service` anywhere in the nested answer."""
+        return self._seen(service, "subset")
+
+    def instances_seen(self, service: str) -> set[str]:
+        """Instances of `service` anywhere in the nested answer."""
+        return self._seen(service, "instance")
+
+    def _seen(self, service: str, key: str) -> set[str]:
         found: set[str] = set()
 
         def walk(doc: object) -> None:
             if isinstance(doc, dict):
-                if doc.get("service") == service and "subset" in doc:
-                    found.add(doc["subset"])
+                if doc.get("service") == service and key in doc:
+                    found.add(doc[key])
                 for v in doc.values():
                     walk(v)
             elif isinstance(doc, list):
