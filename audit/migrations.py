@@ -50,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from core.contracts import COLUMNS, LAYERS, RESET_FLAGS, ROLLUP_FIELDS, WINDOW_SECONDS, Layer
+from core.storeclient import sql_string
 
 TABLES: dict[Layer, str] = {layer: f"tap_{layer}" for layer in LAYERS} | {"anomaly": "anomalies"}
 LEDGER = "schema_migrations"
@@ -76,12 +77,8 @@ def ledger(db: str) -> str:
             "applied_at DateTime DEFAULT now()) ENGINE = ReplacingMergeTree() ORDER BY version")
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def _tap_table(db: str, layer: Layer) -> str:
-    columns = [f"{name} {type} COMMENT {_quote(doc)}" for name, type, doc in COLUMNS[layer]] + [
+    columns = [f"{name} {type} COMMENT {sql_string(doc)}" for name, type, doc in COLUMNS[layer]] + [
         "ts DateTime DEFAULT toDateTime(intDiv(time_us, 1000000)) COMMENT 'time_us to the second'",
         "kpartition UInt16 COMMENT 'Kafka partition the row came from'",
         "koffset UInt64 COMMENT 'Kafka offset of the record the row came from'",
@@ -96,7 +93,7 @@ def _tap_tables(db: str) -> list[str]:
 
 
 _LEVELS = ", ".join(map(str, QUANTILES))
-_RESETS = ", ".join(map(_quote, sorted(RESET_FLAGS)))
+_RESETS = ", ".join(map(sql_string, sorted(RESET_FLAGS)))
 _WINDOW = f"toDateTime(intDiv(toUInt32(ts), {WINDOW_SECONDS}) * {WINDOW_SECONDS})"
 # The partial states the materialized view keeps per (service, window): (name, type,
 # -State expression over tap_l7).  The three latency columns share one reservoir.

@@ -6,11 +6,11 @@ without it (the CLI's start-up stays fast).
 
 from __future__ import annotations
 
-import time
+from core.wait import wait_until
 
 
-def broker_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
-    """True when a broker at ``bootstrap`` answers as an unfenced member of its cluster."""
+def broker_ready(bootstrap: str, timeout_s: float = 5.0) -> str | None:
+    """None when a broker at ``bootstrap`` answers as an unfenced member of its cluster, else why not."""
     from kafka import KafkaAdminClient
     from kafka.errors import KafkaConfigurationError
 
@@ -18,11 +18,12 @@ def broker_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
     try:
         admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="greymesh-ready",
                                  request_timeout_ms=int(timeout_s * 1000), bootstrap_timeout_ms=2000)
-        return any(not b.get("is_fenced") for b in admin.describe_cluster()["brokers"])
+        brokers = admin.describe_cluster()["brokers"]
+        return None if any(not b.get("is_fenced") for b in brokers) else f"no unfenced broker yet: {brokers}"
     except KafkaConfigurationError:  # our mistake, not the broker's: waiting will not help
         raise
-    except Exception:  # noqa: BLE001 (connection refused, not yet a leader, ...)
-        return False
+    except Exception as exc:  # noqa: BLE001 (connection refused, not yet a leader, ...)
+        return repr(exc)
     finally:
         if admin is not None:
             admin.close()
@@ -31,12 +32,7 @@ def broker_ready(bootstrap: str, timeout_s: float = 5.0) -> bool:
 def wait_ready(bootstrap: str, timeout: float) -> float:
     """Wait until the broker at ``bootstrap`` is ready (:func:`broker_ready`); returns the
     seconds waited, raises TimeoutError after ``timeout``."""
-    start = time.monotonic()
-    while not broker_ready(bootstrap):
-        if time.monotonic() - start > timeout:
-            raise TimeoutError(f"Kafka at {bootstrap} not ready after {timeout:.0f} s")
-        time.sleep(0.2)
-    return time.monotonic() - start
+    return wait_until(lambda: broker_ready(bootstrap), timeout, f"Kafka at {bootstrap}")
 
 
 def ensure_topics(bootstrap: str, names: list[str], *, partitions: int = 3, replication: int = 1) -> list[str]:

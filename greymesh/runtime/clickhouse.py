@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import os
 import shutil
-import time
 from pathlib import Path
 from xml.sax.saxutils import escape
+
+from core.wait import wait_until
 
 # Debian installs the server in /usr/sbin, which is not on an ordinary user's PATH.
 SBIN_SERVER = Path("/usr/sbin/clickhouse-server")
@@ -129,17 +130,13 @@ def wait_ready(host: str, port: int, timeout: float) -> float:
     protocol; returns the seconds waited, raises TimeoutError after ``timeout``."""
     from clickhouse_driver import Client  # imported here so the module loads without it
 
-    start = time.monotonic()
-    deadline = start + timeout
-    last: Exception | None = None
-    while time.monotonic() < deadline:
+    def answers() -> str | None:
         client = Client(host, port=port, connect_timeout=2, send_receive_timeout=5)
         try:
-            if client.execute("SELECT 1") == [(1,)]:
-                return time.monotonic() - start
-        except Exception as exc:  # refused while it starts, ...
-            last = exc
+            return None if client.execute("SELECT 1") == [(1,)] else "SELECT 1 did not answer 1"
+        except Exception as exc:  # noqa: BLE001 (refused while it starts, ...)
+            return repr(exc)
         finally:
             client.disconnect()
-        time.sleep(0.1)
-    raise TimeoutError(f"ClickHouse at {host}:{port} not ready after {timeout:.0f} s (last: {last!r})")
+
+    return wait_until(answers, timeout, f"ClickHouse at {host}:{port}", interval_s=0.1)

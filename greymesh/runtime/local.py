@@ -46,6 +46,7 @@ from core.endpoints import (
     Endpoints, XdsApi,
 )
 from core.errors import GreymeshError, InputError, NotRunning
+from core.wait import wait_until
 from greymesh.runtime import kafka as broker
 from greymesh.runtime import supervisor as sup
 from greymesh.runtime import workloads
@@ -570,9 +571,8 @@ def process_pid(dd: DataDir, name: str) -> int:
 
 
 def _wait(ready: Callable[[], bool], what: str, log: Path, progress: Progress, timeout_s: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout_s
     progress(f"waiting for {what}")
-    while not ready():
-        if time.monotonic() > deadline:
-            raise GreymeshError(f"timed out after {timeout_s:.0f}s waiting for {what}; see {log}")
-        time.sleep(0.2)
+    try:
+        wait_until(lambda: None if ready() else "not yet", timeout_s, what)
+    except TimeoutError as exc:
+        raise GreymeshError(f"{exc}; see {log}") from None

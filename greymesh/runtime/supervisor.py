@@ -152,7 +152,7 @@ def probe(p: Probe) -> str | None:
                 return None
         except OSError as exc:
             return f"{p.target}: {exc.strerror or exc}"
-    return None if kafka.broker_ready(p.target, timeout_s=2.0) else f"no ready Kafka broker at {p.target} yet"
+    return kafka.broker_ready(p.target, timeout_s=2.0)
 
 
 class _Running:
