@@ -41,7 +41,7 @@ class Placement:
     host: str
     sidecars: Mapping[str, SidecarPorts]  # by instance name (= sidecar node id)
     authz: int | None = None  # the host's authorization bridge (ext_authz gRPC); None: no authz
-    taps: int | None = None  # the host's tap collector (gRPC access log service); None: no taps
+    taps: tuple[int, ...] = ()  # the host's tap collectors (gRPC access log service); (): no taps
 
     def ports(self, instance: str) -> SidecarPorts:
         try:
@@ -60,11 +60,18 @@ class Placement:
     def from_json(cls, text: str) -> Placement:
         raw = json.loads(text)
         return cls(host=raw["host"], sidecars={n: SidecarPorts(**p) for n, p in raw["sidecars"].items()},
-                   authz=raw.get("authz"), taps=raw.get("taps"))
+                   authz=raw.get("authz"), taps=_ports(raw.get("taps")))
 
     @classmethod
     def load(cls, path: Path) -> Placement:
         return cls.from_json(path.read_text(encoding="utf-8"))
+
+
+def _ports(raw: int | list[int] | None) -> tuple[int, ...]:
+    """A placement's collectors: a list, or (written before there were several) one port or null."""
+    if raw is None:
+        return ()
+    return (raw,) if isinstance(raw, int) else tuple(raw)
 
 
 def placed_spec(spec: MeshSpec, placement: Placement) -> tuple[MeshSpec, list[str]]:

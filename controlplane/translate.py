@@ -29,6 +29,7 @@ from envoy_data_plane.envoy.config.cluster.v3 import (
     CircuitBreakers,
     CircuitBreakersThresholds,
     Cluster,
+    ClusterCommonLbConfig,
     ClusterDiscoveryType,
     ClusterEdsClusterConfig,
     OutlierDetection,
@@ -42,6 +43,8 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HealthCheck,
+    HealthCheckTcpHealthCheck,
     Http2ProtocolOptions,
     SocketAddress,
     SubstitutionFormatString,
@@ -84,7 +87,7 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
     HttpProtocolOptionsExplicitHttpConfig,
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
-from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType
+from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType, Percent
 from envoy_data_plane.google.protobuf import Any
 
 import betterproto2
@@ -156,7 +159,7 @@ def build_snapshots(
                 ports=placement.ports(inst.name),
                 entrypoint=svc.name == spec.entrypoint,
                 authz_port=placement.authz,
-                taps_port=placement.taps,
+                taps_ports=tuple(placement.taps),
                 fail_open=svc.fail_open,
                 trust_domain=trust_domain,
             )
@@ -173,7 +176,7 @@ class _Local:
     ports: SidecarPorts
     entrypoint: bool  # gets the ingress listener
     authz_port: int | None  # the authorization bridge; None: no ext_authz
-    taps_port: int | None  # the tap collector; None: no access log taps
+    taps_ports: tuple[int, ...]  # the host's tap collectors; (): no access log taps
     fail_open: bool  # allow when the bridge cannot answer
     trust_domain: str | None  # inbound requires mTLS from this trust domain; None: plaintext
 
@@ -194,7 +197,7 @@ def _resource(type_url: str, name: str, msg: betterproto2.Message) -> Resource:
 def _local_resources(local: _Local) -> tuple[Resource, ...]:
     """The sidecar's own listeners, the cluster of its workload and of the authz bridge."""
     authz = None if local.authz_port is None else _Authz(local.fail_open)
-    taps = local.taps_port is not None
+    taps = bool(local.taps_ports)
 
     def listener(name: str, port: int, authz: _Authz | None, trust_domain: str | None) -> Resource:
         return _resource(LISTENER, name, _listener(name, local.host, port, authz, trust_domain, taps))
@@ -209,8 +212,8 @@ def _local_resources(local: _Local) -> tuple[Resource, ...]:
         out.append(listener("ingress", local.ports.ingress, None, None))
     if local.authz_port is not None:
         out.append(_resource(CLUSTER, AUTHZ_CLUSTER, _static_cluster(AUTHZ_CLUSTER, local.host, local.authz_port, http2=True)))
-    if local.taps_port is not None:
-        out.append(_resource(CLUSTER, TAPS_CLUSTER, _static_cluster(TAPS_CLUSTER, local.host, local.taps_port, http2=True)))
+    if local.taps_ports:
+        out.append(_resource(CLUSTER, TAPS_CLUSTER, _taps_cluster(local.host, local.taps_ports)))
     return tuple(out)
 
 
@@ -461,6 +464,28 @@ def _static_cluster(name: str, host: str, port: int, *, http2: bool = False) -> 
             explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
         )
         cluster.typed_extension_protocol_options = {HTTP_OPTIONS: Any.pack(options)}
+    return cluster
+
+
+TAPS_CHECK_INTERVAL = timedelta(milliseconds=250)
+
+
+def _taps_cluster(host: str, ports: tuple[int, ...]) -> Cluster:
+    """The host's tap collectors, each health-checked by a TCP connect every 250 ms.
+
+    Envoy's gRPC access logger opens a stream on one host of this cluster and keeps it.  When
+    that collector dies, the stream ends and the logger's next flush (within a second) opens a
+    new one: the health check must have marked the dead collector unhealthy by then, so the new
+    stream goes to a live one.  The panic threshold is 0, so one healthy collector out of two
+    takes every new stream (at the default 50 %, Envoy would balance over dead hosts too)."""
+    cluster = _static_cluster(TAPS_CLUSTER, host, ports[0], http2=True)
+    cluster.load_assignment = _load_assignment(TAPS_CLUSTER, host, ports)
+    cluster.health_checks = [HealthCheck(
+        timeout=timedelta(milliseconds=200), interval=TAPS_CHECK_INTERVAL, unhealthy_interval=TAPS_CHECK_INTERVAL,
+        no_traffic_interval=TAPS_CHECK_INTERVAL, unhealthy_threshold=1, healthy_threshold=1,
+        tcp_health_check=HealthCheckTcpHealthCheck(),
+    )]
+    cluster.common_lb_config = ClusterCommonLbConfig(healthy_panic_threshold=Percent(value=0.0))
     return cluster
 
 

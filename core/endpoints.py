@@ -23,7 +23,12 @@ CP_XDS, CP_ADMIN = "controlplane.xds", "controlplane.admin"
 OPA_HTTP, AUTHZ = "opa.http", "authz.grpc"
 KAFKA, KAFKA_CONTROLLER = "kafka.client", "kafka.controller"
 TAPS_GRPC, TAPS_HTTP, SINK_HTTP = "taps.grpc", "taps.http", "sink.http"
-HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, AUTHZ, KAFKA, KAFKA_CONTROLLER, TAPS_GRPC, TAPS_HTTP, SINK_HTTP)
+# Two tap services per host, both in the sidecars' access-log cluster: when one dies, the
+# sidecars' next flush goes to the other (docs/faults.md).  OPA and the CLI use the first.
+TAPS2_GRPC, TAPS2_HTTP = "taps-2.grpc", "taps-2.http"
+TAP_SERVICES = (("taps", TAPS_GRPC, TAPS_HTTP), ("taps-2", TAPS2_GRPC, TAPS2_HTTP))  # (workload, ALS, HTTP)
+HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, AUTHZ, KAFKA, KAFKA_CONTROLLER, TAPS_GRPC, TAPS_HTTP, TAPS2_GRPC, TAPS2_HTTP,
+             SINK_HTTP)
 SIDECAR_ROLES = ("app", "inbound", "outbound", "ingress", "admin")
 
 XdsApi = Literal["delta", "sotw"]

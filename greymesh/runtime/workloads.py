@@ -25,7 +25,7 @@ from controlplane.meshspec import MeshSpec
 from controlplane.placement import Placement
 from core.datadir import DataDir, write_atomic
 from core.endpoints import (
-    AUTHZ, CP_ADMIN, CP_XDS, HOST, KAFKA, OPA_HTTP, SINK_HTTP, TAPS_GRPC, TAPS_HTTP, Endpoints,
+    AUTHZ, CP_ADMIN, CP_XDS, HOST, KAFKA, OPA_HTTP, SINK_HTTP, TAP_SERVICES, Endpoints,
 )
 from core.installs import opa_binary
 from greymesh.runtime import kafka as broker
@@ -152,11 +152,16 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
             ready=Probe("kafka", kafka), ports=(KAFKA,), stop_grace_s=30.0,
             on_ready=_python("greymesh.runtime.kafka", "--ensure-topics", kafka)))
         pipe_after = ("kafka",)
-    rows.append(Workload(
-        "taps", _python("tapstream.service", "--data-dir", str(dd.root), "--grpc-port", str(p[TAPS_GRPC]),
-                        "--http-port", str(p[TAPS_HTTP]), "--kafka", kafka),
-        "infrastructure", ready=Probe("http", endpoints.url(TAPS_HTTP) + "/stats"), after=pipe_after,
-        ports=(TAPS_GRPC, TAPS_HTTP)))
+    # Two tap services: the sidecars' access-log cluster lists both and health-checks them, so
+    # a crashed one's streams move to the other (docs/faults.md).  Each has its own spool: the
+    # first under the data dir, the second under <data dir>/taps-2.
+    for name, als, http in TAP_SERVICES:
+        state = dd.root if name == "taps" else dd.root / name
+        rows.append(Workload(
+            name, _python("tapstream.service", "--data-dir", str(state), "--grpc-port", str(p[als]),
+                          "--http-port", str(p[http]), "--kafka", kafka),
+            "infrastructure", ready=Probe("http", endpoints.url(http) + "/stats"), after=pipe_after,
+            ports=(als, http)))
     rows.append(Workload(
         "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, "--http-port", str(p[SINK_HTTP]),
                         *(["--store", endpoints.store] if endpoints.store else [])),
@@ -196,7 +201,7 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
                               "--log-level", "warning", "--service-node", name, "--service-cluster", placed.service,
                               "--drain-time-s", "2"),
             owner, ready=Probe("http", f"http://{HOST}:{placed.admin}/ready"),
-            after=("controlplane", "authz", "taps", f"app:{name}")))
+            after=("controlplane", "authz", *(t for t, _, _ in TAP_SERVICES), f"app:{name}")))
     if options.load_rps > 0 and endpoints.entrypoint:
         sidecars = tuple(w.name for w in rows if w.name.startswith("envoy:"))
         rows.append(Workload(
