@@ -161,7 +161,8 @@ def test_status_lists_every_process_and_sidecar(mesh: Mesh):
     doc = mesh.status()
     procs = doc["processes"]
     instances = ["frontend-1", "orders-1", "payments-v1-1", "payments-v2-1", "inventory-1"]
-    host_wide = {"controlplane", "loadgen", "opa", "authz", "kafka", "taps", "sink", "scorer"}
+    host_wide = {"controlplane", "loadgen", "opa", "authz", "kafka", "taps", "taps-2", "sink",
+                 "scorer"}
     assert {f"envoy:{i}" for i in instances} | {f"app:{i}" for i in instances} | host_wide == set(procs)
     assert all(p["running"] and p["ready"] and p["state"] == "ready" for p in procs.values())
     assert mesh.cli("status", check=False).returncode == 0
