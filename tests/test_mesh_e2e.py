@@ -106,8 +106,8 @@ def test_traffic_survives_control_plane_loss_and_the_supervisor_brings_it_back(m
     with Traffic(mesh.entrypoint) as traffic:
         os.kill(pid, signal.SIGKILL)
         killed_at = time.monotonic()
-        wait_for(lambda: (p := mesh.status()["processes"]["controlplane"])["ready"] and p["pid"] != pid, 15,
-                 "the supervisor to restart the control plane")
+        wait_for(lambda: (p := mesh.status()["processes"]["controlplane"])["ready"] and p["pid"] != pid, 40,
+                 "the supervisor to restart the control plane")  # the faults table: docs/faults.md
         back_at = time.monotonic()
         took = wait_for(mesh.all_in_sync, 30, "every sidecar to resync")
         time.sleep(1.0)

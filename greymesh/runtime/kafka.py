@@ -103,6 +103,10 @@ def write_config(dir: Path, *, port: int, controller_port: int, node_id: int = 1
         "share.coordinator.state.topic.min.isr": "1",
         # A consumer group starts at once instead of waiting 3 s for more members.
         "group.initial.rebalance.delay.ms": "0",
+        # After a crash the restarted broker is fenced until its old registration's session
+        # expires (default 9 s); one node has nobody to fail over to, so expire it sooner.
+        "broker.session.timeout.ms": "3000",
+        "broker.heartbeat.interval.ms": "1000",
         # A 2-core machine: fewer threads than the defaults (3 network, 8 I/O).
         "num.network.threads": "2",
         "num.io.threads": "4",

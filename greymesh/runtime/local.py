@@ -174,8 +174,12 @@ def place(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, previous: Placement
 
 
 def _ensure_supervisor(dd: DataDir) -> None:
+    """Start the data dir's supervisor unless one runs (one that is stopping is waited for)."""
     if sup.is_running(dd):
-        return
+        state = sup.SupervisorState.load(dd)
+        if state is None or not state.stopping:
+            return
+        wait_until(lambda: "it is stopping" if sup.is_running(dd) else None, 120, "the previous supervisor to exit")
     dd.logs.mkdir(parents=True, exist_ok=True)
     with open(dd.log("supervisor"), "ab") as out:
         subprocess.Popen([sys.executable, "-m", "greymesh.runtime.supervisor", "--data-dir", str(dd.root)],
@@ -203,6 +207,8 @@ def wait_ready(dd: DataDir, names: list[str], progress: Progress, timeout_s: flo
         if not pending:
             progress(f"all {len(names)} workloads ready")
             return
+        if not sup.is_running(dd):
+            raise GreymeshError(f"the supervisor is not running; see {dd.log('supervisor')}")
         first = pending[0]
         why = (statuses[first].error if statuses[first] else None) or (statuses[first].state if statuses[first]
                                                                          else "not started yet")

@@ -426,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-dir", type=Path, required=True)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the broker probe's client: a line per connection
     dd = DataDir(args.data_dir)
     with open(_lock_path(dd), "a") as lock:
         try:
