@@ -286,16 +286,15 @@ def test_sink(mesh: Mesh):
     seeded from the store): a kill re-reads what it had not committed, nothing twice.
 
     Serving means storing again: a tap of a request sent after the kill is in the store.
-    Misses the 10 s target: the new sink's API answers within seconds, but it gets its
-    partitions only once the consumer group has rebalanced without the killed member, which
-    the broker notices only when its session times out (~45 s measured).  The events wait
-    in Kafka meanwhile; none is lost."""
+    The sink is a static member of its consumer group (--member), so the restarted one takes
+    the killed one's partitions back at once (without it: ~45 s, kafka-python's session
+    timeout, before anything was stored again).  The events wait in Kafka meanwhile."""
     port = mesh.ports()["sink.http"]
 
     def serving(killed_at: float) -> bool:
         return http_ok(f"http://127.0.0.1:{port}/stats") and stores_again(mesh, "/anything/faults/sink-", killed_at)
 
-    row = measure(mesh, "sink", serving, back_within_s=90.0)
+    row = measure(mesh, "sink", serving)
     assert row.failed == 0 and row.lost == 0
 
 
@@ -377,8 +376,9 @@ def test_kafka(mesh: Mesh):
             return False
         return all(p["broker_up"] and p["spool_records"] == 0 for p in producers)
 
-    # Misses the 10 s target: the JVM broker takes 45-80 s from start to a listening, ready
-    # broker on this machine (2 shared cores; its first start takes as long).  Nothing is
-    # lost meanwhile: the tap services spool and replay, the sink then rebalances back.
-    row = measure(mesh, "kafka", serving, back_within_s=150.0)
+    # Misses the 10 s target: the JVM takes ~10 s to start and recover its log on this
+    # machine (2 cores), the broker then registers and the topics are checked: ~18 s with
+    # the machine otherwise idle, 45-80 s measured while other meshes ran.  Nothing is lost
+    # meanwhile: the tap services spool and replay.
+    row = measure(mesh, "kafka", serving, back_within_s=90.0)
     assert row.failed == 0 and row.lost == 0
