@@ -6,7 +6,7 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench
+.PHONY: install demo test test-unit bench
 
 install:
 	@deploy/install.sh
@@ -16,6 +16,13 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The unit tier only (no Kafka, OPA, Envoy, ClickHouse or mesh), for a quick check while
+# working; tiers are given per test module in tests/conftest.py (TIERS). PyTorch runs on
+# one thread here: on 2 busy cores its default threads spin, 3-4x the time of one.
+OMP_NUM_THREADS ?= 1
+test-unit: install
+	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(PY) -m pytest -q -m unit $(PYTEST_ARGS)
 
 bench: install
 	@for b in tests/benchmarks/bench_*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done
