@@ -59,11 +59,6 @@ class Workload:
     # as ready only when it succeeded (OPA: restore the last pushed policy)
     stop_grace_s: float = 10.0  # SIGTERM, then SIGKILL after this long
 
-    @property
-    def instance(self) -> str | None:
-        """The mesh instance this workload is part of (its app or its sidecar), if any."""
-        return self.owner.rsplit("/", 1)[-1] if self.owner.startswith("instance:") else None
-
 
 @dataclass(frozen=True)
 class Options:
