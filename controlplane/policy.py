@@ -50,6 +50,7 @@ POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
 MODULE_PREFIX = "greymesh/"  # policy IDs of our modules in OPA
 JOURNAL_VERSION = 1
 TEST_SUFFIX = "_test.rego"
+KEPT_META = "push.json"  # beside a kept copy: the meta of the push it is a copy of
 OPA_TIMEOUT_S = 10.0
 OPA_CLI_TIMEOUT_S = 120.0
 
@@ -226,31 +227,37 @@ def push(opa_url: str, policy_dir: Path, *, actor: str, journal_path: Path, keep
         ok, report = run_tests(policy_dir, verbose=False)
         if not ok:
             raise PolicyError(f"{policy_dir}: the policy's tests fail:\n{report.strip()}")
-        with _opa(opa_url) as client:
-            previous = _running_modules(client, policy_dir)
-            _put_modules(client, modules, previous, policy_dir)
-            for name in previous.keys() - {m.name for m in modules}:
-                client.delete_policy(module_id(name))
-            client.update_or_create_data(
-                {"hash": record["sha256"], "pushed_by": actor, "pushed_at": pushed_at}, POLICY_META_PATH)
+        meta = {"hash": record["sha256"], "pushed_by": actor, "pushed_at": pushed_at}
+        _install(opa_url, modules, meta, policy_dir)
     except (PolicyError, OpaUnavailable) as exc:
         outcome = "refused" if isinstance(exc, PolicyError) else "failed"
         _journal(journal_path, record | {"outcome": outcome, "error": str(exc)})
         raise
     _journal(journal_path, record | {"outcome": "pushed"})
     if keep_in is not None and keep_in.resolve() != policy_dir.resolve():
-        _keep_copy(policy_dir, keep_in)
+        _keep_copy(policy_dir, keep_in, meta)
     return PushResult(record["sha256"], tuple(record["modules"]), actor, pushed_at)
 
 
-def _keep_copy(policy_dir: Path, dest: Path) -> None:
-    """Replace dest with the .rego files of policy_dir, in one rename."""
+def _install(opa_url: str, modules: tuple[Module, ...], meta: dict[str, str], policy_dir: Path) -> None:
+    """Make ``modules`` what OPA runs (the others of ours removed) and ``meta`` what it says it runs."""
+    with _opa(opa_url) as client:
+        previous = _running_modules(client, policy_dir)
+        _put_modules(client, modules, previous, policy_dir)
+        for name in previous.keys() - {m.name for m in modules}:
+            client.delete_policy(module_id(name))
+        client.update_or_create_data(meta, POLICY_META_PATH)
+
+
+def _keep_copy(policy_dir: Path, dest: Path, meta: dict[str, str]) -> None:
+    """Replace dest with the .rego files of policy_dir and the push's meta, in one rename."""
     staging = dest.with_name(dest.name + ".new")
     shutil.rmtree(staging, ignore_errors=True)
     for src in policy_dir.rglob("*.rego"):
         target = staging / src.relative_to(policy_dir)
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(src, target)
+    (staging / KEPT_META).write_text(json.dumps(meta))
     shutil.rmtree(dest, ignore_errors=True)
     staging.rename(dest)
 
@@ -259,16 +266,30 @@ def restore(opa_url: str, kept: Path, *, default: Path, actor: str, journal_path
     """Give an OPA that runs no pushed policy (just started, or restarted) the one last
     pushed, kept in ``kept`` by :func:`push`, or ``default`` when nothing was ever pushed.
 
-    Does nothing (None) when OPA already runs a pushed policy.  Goes through the same
-    gate and journal as any push."""
+    Does nothing (None) when OPA already runs a pushed policy.  The kept policy passed the
+    gate (check and tests) when it was pushed, so it is installed as it is, with the meta
+    of that push (its hash is what decisions carry), and journalled as ``restored``: a
+    fail-closed mesh denies every request until OPA has its policy again.  ``default`` goes
+    through the gate like any push."""
     try:
         meta = jsonhttp.get(f"{opa_url}/v1/data/{POLICY_META_PATH}", timeout_s=OPA_TIMEOUT_S).get("result")
     except (jsonhttp.ApiError, jsonhttp.Unreachable) as exc:
         raise OpaUnavailable(f"OPA at {opa_url} unreachable or failing: {exc}") from None
     if meta:
         return None
-    source = kept if kept.is_dir() else default
-    return push(opa_url, source, actor=actor, journal_path=journal_path, keep_in=kept)
+    if not (kept / KEPT_META).is_file():
+        return push(opa_url, default, actor=actor, journal_path=journal_path, keep_in=kept)
+    meta = json.loads((kept / KEPT_META).read_text())
+    modules = load_policy(kept)
+    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "actor": actor, "opa": opa_url,
+              "policy_dir": str(kept.resolve()), "sha256": policy_hash(modules), "modules": [m.name for m in modules]}
+    try:
+        _install(opa_url, modules, meta, kept)
+    except (PolicyError, OpaUnavailable) as exc:
+        _journal(journal_path, record | {"outcome": "failed", "error": str(exc)})
+        raise
+    _journal(journal_path, record | {"outcome": "restored", "pushed_by": meta["pushed_by"]})
+    return PushResult(meta["hash"], tuple(record["modules"]), meta["pushed_by"], meta["pushed_at"])
 
 
 def diff(opa_url: str, policy_dir: Path) -> str:

@@ -170,7 +170,8 @@ def test_a_restarted_opa_gets_the_policy_that_was_pushed_last(mesh: Mesh, tmp_pa
     diff = mesh.cli("policy", "diff", "--dir", str(draft))
     assert "runs exactly" in diff.stdout, diff.stdout  # the draft, not the checkout's policies/
     journal = [json.loads(line) for line in (mesh.data_dir / "policy-journal.jsonl").read_text().splitlines()]
-    assert journal[-1]["outcome"] == "pushed" and "greymesh runtime" in journal[-1]["actor"]
+    assert journal[-1]["outcome"] == "restored" and "greymesh runtime" in journal[-1]["actor"]
+    assert journal[-1]["sha256"] == journal[-2]["sha256"]  # the policy of the push before the kill
     assert get(mesh.entrypoint).status == 200
 
 
