@@ -1,5 +1,6 @@
 """Child processes for the benchmarks: start with a log each, CPU seconds used, stop in
-reverse order; free loopback ports; a one-line description of the machine."""
+reverse order; free loopback ports; a one-line description of the machine; the verdict
+(every benchmark exits non-zero when any request or event failed)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -113,3 +115,20 @@ def machine() -> str:
         mem = ""
     return (f"{nproc} cores ({model}){mem}, Linux {platform.release()}, Python {platform.python_version()}, "
             f"load average before the run {os.getloadavg()[0]:.2f}")
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP end the benchmark as Ctrl-C does: its finally blocks stop what it started."""
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+
+
+def verdict(problems: list[str]) -> int:
+    """The exit status of a benchmark: 0 only when nothing failed; every failure printed."""
+    if problems:
+        print(f"\nFAILED: {len(problems)} problem(s):", file=sys.stderr, flush=True)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr, flush=True)
+        return 1
+    print("\nOK: no request or event failed", flush=True)
+    return 0
