@@ -14,8 +14,8 @@ Every sidecar path is configured by controlplane.translate.build_snapshots from 
 mesh.yaml, with its own Placement (distinct ports) and its own in-process SnapshotCache +
 ADS server (node ids are instance names, so each variant needs its own control plane).
 Each variant runs two real Envoys (orders-1, payments-v1-1). All three share ONE payments
-app (`greymesh run-service`, the same process the foundation benchmark calls), so the app
-is identical for every path. The bridge (`greymesh run-authz`), OPA and, unless
+app (`python -m greymesh.demo.service`, the process `greymesh up` runs), so the app is
+identical for every path. The bridge (`python -m controlplane.authz`), OPA and, unless
 --no-decision-log, OPA's decision-log receiver run as separate processes, as `greymesh up`
 runs them; policies/ is pushed with controlplane.policy.push and the mesh data with
 push_mesh_data(mesh_data(spec)). SVIDs live 24 h: no rotation happens during the run.
@@ -24,8 +24,13 @@ Per run, the CPU time each process used is read from /proc, per request sent.
 After the runs, one unloaded, serial probe splits the authorization hop: OPA's own
 evaluation time (?metrics=true), the REST round trip to OPA, and a gRPC Check to the bridge.
 
+Every request must be answered 200 by payments v1 and every ext_authz check allowed: a
+failed request (status, timeout, connection error), a denied or failed check, or a probe
+OPA or the bridge does not allow fails the run (exit 1, each named).
+
 Usage: .venv/bin/python tests/benchmarks/bench_zero_trust_latency.py [--rates 200,500] [--seconds 15]
        [--rounds 3] [--quick] [--no-decision-log] [--xds-api delta|sotw]
+       (--quick: 200 rps, 2 s per path, 1 round, 200 probes: a smoke run)
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ import http.client
 import json
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -54,9 +58,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from controlplane import policy  # noqa: E402
-from controlplane.bootstrap import sidecar_bootstrap
-from core.endpoints import XdsApi  # noqa: E402
-from controlplane.doctor import opa_binary  # noqa: E402
+from controlplane.bootstrap import sidecar_bootstrap  # noqa: E402
 from controlplane.identity import CertificateAuthority  # noqa: E402
 from controlplane.meshspec import MeshSpec, load_spec  # noqa: E402
 from controlplane.placement import Placement, SidecarPorts  # noqa: E402
@@ -64,10 +66,14 @@ from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import AdsServer, start_ads_server  # noqa: E402
 from controlplane.xds.cache import SnapshotCache  # noqa: E402
 from controlplane.xds.status import NodeStatus  # noqa: E402
-from tapstream.decisionlog import opa_argv, opa_config  # noqa: E402
+from core.contracts import DECISION_PATH  # noqa: E402
+from core.datadir import DataDir  # noqa: E402
+from core.endpoints import XdsApi  # noqa: E402
+from core.installs import opa_binary  # noqa: E402
+from greymesh.runtime.opa import opa_argv, opa_config  # noqa: E402
 
 from tests.benchmarks.openloop import run  # noqa: E402
-from tests.benchmarks.procs import Procs, free_ports, machine, slug  # noqa: E402
+from tests.benchmarks.procs import Procs, free_ports, machine, slug, stop_on_signals, verdict  # noqa: E402
 from tests.support.mesh import DEMO_SPEC, envoy_stat, wait_for  # noqa: E402
 
 DISCARDING_RECEIVER = (
@@ -79,7 +85,7 @@ DISCARDING_RECEIVER = (
 
 HOST = "127.0.0.1"
 CALLER, CALLEE = "orders-1", "payments-v1-1"
-AUTHORITY, PATH = "payments", "/pay"
+AUTHORITY, PATH = "payments", "/"  # greymesh/demo/service.py answers / and /anything[/...]; other paths 404
 SVID_LIFETIME = timedelta(hours=24)
 T = TypeVar("T")
 
@@ -105,8 +111,9 @@ ADDED = (
 # --- processes -------------------------------------------------------------------------------------
 
 
-def _greymesh(*args: str) -> list[str]:
-    return [sys.executable, "-m", "greymesh.cli", *args]
+def _module(module: str, *args: str) -> list[str]:
+    """A component as the runtime starts it: `python -m <module>` with its flags."""
+    return [sys.executable, "-m", module, *args]
 
 
 # --- the in-process control planes ---------------------------------------------------------------------
@@ -215,8 +222,8 @@ class Bench:
             self.placements[v.name] = Placement(HOST, sidecars, authz=self.bridge_port if v.authz else None)
 
         # The one payments app every path ends at.
-        self.procs.start("app payments-v1-1", _greymesh(
-            "run-service", "--data-dir", str(self.files), "--service", "payments", "--instance", CALLEE,
+        self.procs.start("app payments-v1-1", _module(
+            "greymesh.demo.service", "--data-dir", str(self.files), "--service", "payments", "--instance", CALLEE,
             "--subset", "v1", "--port", str(self.app_port), "--egress-port", str(next(ports)), "--calls", ""))
 
         self._start_policy_engine()
@@ -264,8 +271,8 @@ class Bench:
         else:
             config.write_text("{}")
         self.procs.start("opa", opa_argv(opa, f"{HOST}:{self.opa_port}", config))
-        self.procs.start("bridge", _greymesh("run-authz", "--data-dir", str(self.files), "--port",
-                                             str(self.bridge_port), "--opa-port", str(self.opa_port)))
+        self.procs.start("bridge", _module("controlplane.authz", "--port", str(self.bridge_port),
+                                           "--opa-port", str(self.opa_port)))
         url = f"http://{HOST}:{self.opa_port}"
 
         def opa_up() -> bool:
@@ -274,7 +281,7 @@ class Bench:
 
         wait_for(opa_up, 20, "OPA to answer", 0.1)
         pushed = policy.push(url, policy.POLICY_DIR, actor="bench_zero_trust_latency",
-                             journal_path=self.files / policy.JOURNAL_NAME)
+                             journal_path=DataDir(self.files).policy_journal)
         policy.push_mesh_data(url, policy.mesh_data(self.spec))
         print(f"OPA {url}: pushed {', '.join(pushed.modules)} (sha256 {pushed.policy_hash[:12]}) and the mesh data",
               flush=True)
@@ -336,12 +343,16 @@ def measure(bench: Bench, path: str, rate: float, seconds: float) -> dict:
     r = asyncio.run(run(HOST, bench.entry_port(path), authority=AUTHORITY, path=PATH, rate=rate, seconds=seconds))
     after_cpu, after_self, after_counts = bench.procs.cpu_s(), time.process_time(), bench.counters(path)
     s = r.summary()
+    s["problems"] = r.problems(f"{path} at {rate:.0f} rps")
     sent = rate * (seconds + 1.0)  # openloop's 1 s warm-up is sent too
     cpu = {"client": (after_self - before_self) / sent * 1000}
     for role, proc in bench.cpu_roles(path).items():
         cpu[role] = (after_cpu[proc] - before_cpu[proc]) / sent * 1000
     s["cpu_ms_per_req"] = cpu
     s["counters"] = {k: after_counts[k] - before_counts[k] for k in after_counts}
+    for k in ("ext_authz_denied", "ext_authz_error", "ext_authz_failure_mode_allowed"):
+        if s["counters"].get(k):
+            s["problems"].append(f"{path} at {rate:.0f} rps: payments' sidecar counted {s['counters'][k]} {k}")
     return s
 
 
@@ -359,7 +370,7 @@ def probe_authz(bench: Bench, n: int) -> dict[str, dict[str, float]]:
     from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
     from envoy.service.auth.v3 import external_auth_pb2_grpc as authz_grpc
 
-    from controlplane.authz import DECISION_PATH, opa_input
+    from controlplane.authz import DECISION_URL_PATH, opa_input
 
     req = authz_pb2.CheckRequest()
     attrs = req.attributes
@@ -383,7 +394,7 @@ def probe_authz(bench: Bench, n: int) -> dict[str, dict[str, float]]:
     try:
         for i in range(n + 50):
             t0 = time.perf_counter()
-            conn.request("POST", f"/v1/data/{policy.DECISION_PATH}?metrics=true", body,
+            conn.request("POST", f"/v1/data/{DECISION_PATH}?metrics=true", body,
                          {"Content-Type": "application/json"})
             doc = json.loads(conn.getresponse().read())
             took = (time.perf_counter() - t0) * 1000
@@ -396,7 +407,7 @@ def probe_authz(bench: Bench, n: int) -> dict[str, dict[str, float]]:
                 out["opa server handler (OPA's timer_server_handler)"].append(m.get("timer_server_handler_ns", 0) / 1e6)
     finally:
         conn.close()
-    assert DECISION_PATH == f"/v1/data/{policy.DECISION_PATH}"  # what the bridge asks is what we timed
+    assert DECISION_URL_PATH == f"/v1/data/{DECISION_PATH}"  # what the bridge asks is what we timed
     with grpc.insecure_channel(f"{HOST}:{bench.bridge_port}") as channel:
         stub = authz_grpc.AuthorizationStub(channel)
         for i in range(n + 50):
@@ -478,12 +489,12 @@ def report(results: dict[tuple[str, float], list[dict]], rates: list[float], hea
             print(f"| {k} | {v['p50']:.3f} | {v['p99']:.3f} |")
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rates", default="200,500")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 2 s per run, 1 round")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 200 rps, 2 s per run, 1 round, 200 probes")
     ap.add_argument("--xds-api", choices=("delta", "sotw"), default="delta")
     ap.add_argument("--no-decision-log", action="store_true",
                     help="run OPA without decision logs (default: report them to a receiver, as `greymesh up` does)")
@@ -491,12 +502,10 @@ def main() -> None:
     ap.add_argument("--keep", action="store_true", help="keep the temporary dir (logs, configs)")
     args = ap.parse_args()
     if args.quick:
-        args.seconds, args.rounds, args.probe = 2.0, 1, min(args.probe, 200)
+        args.rates, args.seconds, args.rounds, args.probe = "200", 2.0, 1, min(args.probe, 200)
     rates = [float(r) for r in args.rates.split(",")]
 
-    # SIGTERM/SIGHUP run the finally below, like Ctrl-C.
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda signum, _frame: sys.exit(128 + signum))
+    stop_on_signals()  # SIGTERM/SIGHUP run the finally below, like Ctrl-C
 
     cmdline = " ".join([".venv/bin/python", str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]])
     host_info = machine()
@@ -508,6 +517,7 @@ def main() -> None:
     procs = Procs(tmp)
     bench = Bench(load_spec(DEMO_SPEC), procs, tmp, args.xds_api, not args.no_decision_log)
     results: dict[tuple[str, float], list[dict]] = {}
+    problems: list[str] = []
     probe = None
     ok = False
     try:
@@ -520,10 +530,11 @@ def main() -> None:
                 for path in order:
                     s = measure(bench, path, rate, args.seconds)
                     results.setdefault((path, rate), []).append(s)
+                    problems += s["problems"]
                     extra = " ".join(f"{k} {v}" for k, v in s["counters"].items())
                     print(f"round {rnd + 1} {path:<10} {rate:>5.0f} rps: p50 {s['p50']:.2f} ms  p90 {s['p90']:.2f} ms  "
                           f"p99 {s['p99']:.2f} ms  max {s['max']:.1f} ms  ok {s['ok']} errors {s['errors']}  "
-                          f"{extra}".rstrip(), flush=True)
+                          f"{extra}".rstrip() + (f" {s['reasons']}" if s["errors"] else ""), flush=True)
                     time.sleep(1.0)  # e.g. OPA's last decision-log upload (every 1 s) lands before the next run
         if args.probe:
             probe = probe_authz(bench, args.probe)
@@ -547,7 +558,8 @@ def main() -> None:
               f"1 s unrecorded warm-up.")
     report(results, rates, header, probe)
     print("\n" + json.dumps({"results": {f"{k[0]}@{k[1]:.0f}": v for k, v in results.items()}, "probe": probe}))
+    return verdict(problems)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
