@@ -1,5 +1,6 @@
 """Fixtures every test module can use: a ClickHouse server and fresh stores of both
-backends (tests/support/clickhouse.py).  Also each test's tier.
+backends (tests/support/clickhouse.py).  Also each test's tier, and the time bound of
+every async test.
 
 Tiers (markers registered in pyproject.toml, selected with ``-m``):
 
@@ -17,6 +18,10 @@ A test module missing from TIERS fails the collection, naming the module.
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import inspect
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -55,6 +60,9 @@ TIERS: dict[str, str] = {
 TIER_NAMES = frozenset((UNIT, INTEGRATION, E2E))
 assert set(TIERS.values()) <= TIER_NAMES, "TIERS names a tier that is not unit, integration or e2e"
 
+# Each async test fails once it has run this long (a stuck stream must not hang the run).
+ASYNC_TEST_TIMEOUT_S = 30.0
+
 
 def _module(item: pytest.Item) -> str:
     """The key of ``item``'s test module in TIERS: its path under tests/."""
@@ -83,3 +91,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     problems += [f"{d} is marked with more than one test tier: keep one" for d in doubled]
     if problems:
         raise pytest.UsageError(*problems)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """Run each async test (pytest-asyncio's ``@pytest.mark.asyncio``) under a time bound."""
+    test = getattr(item, "obj", None)
+    if item.get_closest_marker("asyncio") is None or not inspect.iscoroutinefunction(test):
+        return (yield)
+
+    @functools.wraps(test)
+    async def bounded(*args: object, **kwargs: object) -> None:
+        try:
+            async with asyncio.timeout(ASYNC_TEST_TIMEOUT_S) as bound:
+                await test(*args, **kwargs)
+        except TimeoutError:
+            if bound.expired():
+                pytest.fail(f"{item.name} still ran after {ASYNC_TEST_TIMEOUT_S:g} s, the bound of every "
+                            "async test (ASYNC_TEST_TIMEOUT_S in tests/conftest.py)")
+            raise
+
+    item.obj = bounded  # type: ignore[attr-defined]  # pytest-asyncio runs item.obj on its loop
+    try:
+        return (yield)
+    finally:
+        item.obj = test  # type: ignore[attr-defined]

@@ -440,7 +440,8 @@ def test_rotation_under_load_drops_no_request(fleet: Fleet) -> None:
 
 
 @pytest.mark.parametrize("protocol", ["delta", "sotw"])
-def test_simulated_sidecar_subscribes_to_the_secrets_its_cluster_and_listener_name(
+@pytest.mark.asyncio  # a fresh event loop, bounded in time by tests/conftest.py (ASYNC_TEST_TIMEOUT_S)
+async def test_simulated_sidecar_subscribes_to_the_secrets_its_cluster_and_listener_name(
     protocol: Literal["delta", "sotw"], tmp_path: Path
 ) -> None:
     ca = CertificateAuthority.load_or_create(tmp_path / "ca", TD)
@@ -482,7 +483,7 @@ def test_simulated_sidecar_subscribes_to_the_secrets_its_cluster_and_listener_na
         finally:
             await server.stop(None)
 
-    asyncio.run(asyncio.wait_for(run(), 30))
+    await run()
 
 
 # --- helpers of the tests ------------------------------------------------------------------------------

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -33,16 +32,8 @@ from tests.support.adsclient import Received, SimulatedEnvoy, expected_acks
 
 PROTOCOLS = pytest.mark.parametrize("protocol", ["sotw", "delta"])
 QUIET_S = 0.4  # how long "nothing arrives" is watched for
-
-
-def asynctest(fn: Callable[..., Awaitable[None]]) -> Callable[..., None]:
-    """Run an async test in a fresh event loop, bounded in time (pytest-asyncio is not available)."""
-
-    @functools.wraps(fn)
-    def run(*args: object, **kwargs: object) -> None:
-        asyncio.run(asyncio.wait_for(fn(*args, **kwargs), 30))
-
-    return run
+# The async tests run on pytest-asyncio (@pytest.mark.asyncio): a fresh event loop each,
+# bounded in time by tests/conftest.py (ASYNC_TEST_TIMEOUT_S).
 
 
 # --- synthetic snapshots from real protos ----------------------------------------------
@@ -216,7 +207,7 @@ def test_cache_wakes_only_the_changed_node_and_only_on_change() -> None:
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_initial_push_waits_for_a_snapshot_then_delivers_everything(protocol: str) -> None:
     async with control_plane() as plane, SimulatedEnvoy("n1", plane.target, protocol) as env:  # type: ignore[arg-type]
         await eventually(lambda: plane.connected("n1") == 1)
@@ -235,7 +226,7 @@ async def test_initial_push_waits_for_a_snapshot_then_delivers_everything(protoc
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_update_pushes_changed_types_in_make_before_break_order(protocol: str) -> None:
     async with control_plane() as plane, synced(plane, "n1", protocol) as env:
         seen = len(env.received)
@@ -246,7 +237,7 @@ async def test_update_pushes_changed_types_in_make_before_break_order(protocol: 
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_nack_is_recorded_not_resent_and_cleared_by_a_newer_ack(
     protocol: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -275,7 +266,7 @@ async def test_nack_is_recorded_not_resent_and_cleared_by_a_newer_ack(
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_identical_snapshot_wakes_nobody(protocol: str) -> None:
     async with control_plane() as plane, synced(plane, "n1", protocol) as env:
         rec = plane.status.node("n1")
@@ -287,7 +278,7 @@ async def test_identical_snapshot_wakes_nobody(protocol: str) -> None:
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_update_reaches_only_its_node(protocol: str) -> None:
     async with control_plane() as plane, synced(plane, "a", protocol) as a, synced(plane, "b", protocol) as b:
         seen_b = len(b.received)
@@ -299,7 +290,7 @@ async def test_update_reaches_only_its_node(protocol: str) -> None:
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_changed_clusters_get_their_unchanged_endpoints_again(protocol: str) -> None:
     # Envoy keeps a rebuilt cluster warming until its ClusterLoadAssignment arrives again.
     v1 = build({"a": [1], "b": [2]})
@@ -314,7 +305,7 @@ async def test_changed_clusters_get_their_unchanged_endpoints_again(protocol: st
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_endpoint_subscriptions_follow_clusters(protocol: str) -> None:
     async with control_plane() as plane, synced(plane, "n1", protocol) as env:
         grown = build({"a": [8001], "b": [9001]})
@@ -333,7 +324,7 @@ async def test_endpoint_subscriptions_follow_clusters(protocol: str) -> None:
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_node_without_endpoints_is_in_sync_without_subscribing_eds(protocol: str) -> None:
     async with control_plane() as plane, synced(plane, "n1", protocol, build({})) as env:
         assert ENDPOINT not in plane.types("n1") and not env.resources[ENDPOINT]
@@ -341,7 +332,7 @@ async def test_node_without_endpoints_is_in_sync_without_subscribing_eds(protoco
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_status_tracks_rollout_and_is_json(protocol: str) -> None:
     async with control_plane() as plane, synced(plane, "n1", protocol):
         assert plane.status.acked_everywhere(plane.cache.snapshots())
@@ -355,7 +346,7 @@ async def test_status_tracks_rollout_and_is_json(protocol: str) -> None:
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_disconnect_is_clean(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG)
     async with control_plane() as plane:
@@ -371,7 +362,7 @@ async def test_disconnect_is_clean(protocol: str, caplog: pytest.LogCaptureFixtu
 
 
 @PROTOCOLS
-@asynctest
+@pytest.mark.asyncio
 async def test_bad_streams_do_not_take_the_server_down(protocol: str, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     cds = {"resource_names_subscribe": []} if protocol == "delta" else {"resource_names": []}
@@ -399,7 +390,7 @@ async def test_bad_streams_do_not_take_the_server_down(protocol: str, caplog: py
 # --- SotW only ------------------------------------------------------------------------------
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_sotw_ignores_requests_with_a_stale_nonce() -> None:
     async with control_plane() as plane:
         plane.cache.set_snapshot("raw", build({"a": [1], "b": [2]}))
@@ -423,7 +414,7 @@ async def test_sotw_ignores_requests_with_a_stale_nonce() -> None:
             await raw.close()
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_sotw_ack_asking_for_new_names_does_not_count_as_in_sync() -> None:
     async with control_plane() as plane:
         v1, v2 = build({"a": [1]}), build({"a": [11], "b": [2]})
@@ -453,7 +444,7 @@ async def test_sotw_ack_asking_for_new_names_does_not_count_as_in_sync() -> None
 # --- delta only -----------------------------------------------------------------------------
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_delta_answers_a_fresh_wildcard_subscription_even_when_empty() -> None:
     # A starting Envoy waits for its first CDS/LDS response before it finishes initialising.
     async with control_plane() as plane:
@@ -469,7 +460,7 @@ async def test_delta_answers_a_fresh_wildcard_subscription_even_when_empty() -> 
             await raw.close()
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_delta_sends_only_changed_resources_and_removals() -> None:
     async with control_plane() as plane, synced(plane, "n1", "delta", build({"a": [1], "b": [2], "c": [3]})) as env:
         seen = len(env.received)
@@ -482,7 +473,7 @@ async def test_delta_sends_only_changed_resources_and_removals() -> None:
         assert env.resources[CLUSTER].keys() == {"local", "a", "c"} and env.resources[ENDPOINT].keys() == {"a", "c"}
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_delta_reconnect_gets_only_what_changed_meanwhile() -> None:
     async with control_plane() as plane, synced(plane, "n1", "delta") as env:
         seen = len(env.received)
@@ -502,7 +493,7 @@ async def test_delta_reconnect_gets_only_what_changed_meanwhile() -> None:
         await eventually(lambda: plane.status.synced_at("n1", v2) is not None)
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_delta_honours_subscriptions_sent_with_a_stale_nonce() -> None:
     async with control_plane() as plane:
         plane.cache.set_snapshot("raw", build({"a": [1], "b": [2]}))
@@ -519,7 +510,7 @@ async def test_delta_honours_subscriptions_sent_with_a_stale_nonce() -> None:
             await raw.close()
 
 
-@asynctest
+@pytest.mark.asyncio
 async def test_delta_answers_every_explicit_subscription() -> None:
     async with control_plane() as plane:
         plane.cache.set_snapshot("raw", V1)
