@@ -41,7 +41,7 @@ from ml.registry import Registry  # noqa: E402
 from ml.scorer import Scorer  # noqa: E402
 from core.contracts import ROLLUP_FIELDS, WINDOW_SECONDS  # noqa: E402
 from ml.windows import Window  # noqa: E402
-from tests.benchmarks.procs import machine, verdict  # noqa: E402
+from tests.benchmarks.procs import machine, stop_on_signals, verdict  # noqa: E402
 
 RECORDING = Path(__file__).resolve().parents[1] / "data" / "scenarios" / "recording.csv"
 T0 = 1_795_000_000
@@ -156,6 +156,7 @@ def main() -> int:
         train_child(args.recording, args.child, args.services, args.hours, args.params.get(args.child, {}))
         return 0
     detectors = ml_eval.detectors(args.detectors)
+    stop_on_signals()
     problems: list[str] = []
     print(f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Machine: {machine()}."
           + (f" Detector parameters: {json.dumps(args.params)}." if args.params else "") + "\n", flush=True)
@@ -178,7 +179,6 @@ def main() -> int:
         print(f"| {d} | {r['windows']:,} | {r['seconds']:.1f} | {r['seconds'] / max(1, r['services']):.2f} | "
               f"{r['peak_mib']:.0f} |", flush=True)
 
-    print(f"\n({time.monotonic() - started:.0f} s so far)", flush=True)
     print(f"\n## Scoring: one round (the newest window of each service) over {args.score_services} services\n")
     print("| detector | p50 (s) | p99 (s) | per service (ms) |\n|---|---:|---:|---:|", flush=True)
     import tempfile

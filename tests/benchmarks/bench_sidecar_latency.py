@@ -11,7 +11,7 @@ Every request must be answered 200 by payments v1: the run exits 1 and names the
 (status, timeout, connection error) when any request, warm-up included, is not.
 
 Usage: .venv/bin/python tests/benchmarks/bench_sidecar_latency.py [--rates 200,500] [--seconds 15] [--rounds 2]
-       .venv/bin/python tests/benchmarks/bench_sidecar_latency.py --quick   (200 rps, 2 s, 1 round: a smoke run)
+       .venv/bin/python tests/benchmarks/bench_sidecar_latency.py --quick   (50 rps, 2 s, 1 round: a smoke run)
 """
 
 from __future__ import annotations
@@ -78,10 +78,10 @@ def main() -> int:
     ap.add_argument("--rates", default="200,500")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200 rps, 2 s per path, 1 round")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50 rps, 2 s per path, 1 round")
     args = ap.parse_args()
     if args.quick:
-        args.rates, args.seconds, args.rounds = "200", 2.0, 1
+        args.rates, args.seconds, args.rounds = "50", 2.0, 1
     rates = [float(r) for r in args.rates.split(",")]
     stop_on_signals()
 

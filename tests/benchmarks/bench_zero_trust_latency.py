@@ -30,7 +30,7 @@ OPA or the bridge does not allow fails the run (exit 1, each named).
 
 Usage: .venv/bin/python tests/benchmarks/bench_zero_trust_latency.py [--rates 200,500] [--seconds 15]
        [--rounds 3] [--quick] [--no-decision-log] [--xds-api delta|sotw]
-       (--quick: 200 rps, 2 s per path, 1 round, 200 probes: a smoke run)
+       (--quick: 50 rps, 2 s per path, 1 round, 200 probes: a smoke run)
 """
 
 from __future__ import annotations
@@ -494,7 +494,7 @@ def main() -> int:
     ap.add_argument("--rates", default="200,500")
     ap.add_argument("--seconds", type=float, default=15)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 200 rps, 2 s per run, 1 round, 200 probes")
+    ap.add_argument("--quick", action="store_true", help="smoke run: 50 rps, 2 s per run, 1 round, 200 probes")
     ap.add_argument("--xds-api", choices=("delta", "sotw"), default="delta")
     ap.add_argument("--no-decision-log", action="store_true",
                     help="run OPA without decision logs (default: report them to a receiver, as `greymesh up` does)")
@@ -502,7 +502,7 @@ def main() -> int:
     ap.add_argument("--keep", action="store_true", help="keep the temporary dir (logs, configs)")
     args = ap.parse_args()
     if args.quick:
-        args.rates, args.seconds, args.rounds, args.probe = "200", 2.0, 1, min(args.probe, 200)
+        args.rates, args.seconds, args.rounds, args.probe = "50", 2.0, 1, min(args.probe, 200)
     rates = [float(r) for r in args.rates.split(",")]
 
     stop_on_signals()  # SIGTERM/SIGHUP run the finally below, like Ctrl-C
