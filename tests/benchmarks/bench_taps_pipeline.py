@@ -392,7 +392,7 @@ def pipe_problems(taps_http: int, sink_http: int, sent: int) -> list[str]:
             problems.append(f"the sink counted {sink[key]} {key.replace('_', ' ')} (last error: {sink['last_error']})")
     print(f"sink: {sink['records']:,} records consumed, {sink['duplicates']:,} re-sent events dropped as duplicates",
           flush=True)
-    rows, distinct = _query(sink_http, f"SELECT count(), uniqExact(event_id) FROM {table_for('l7')}")[0]
+    rows, distinct = map(int, _query(sink_http, f"SELECT count(), uniqExact(event_id) FROM {table_for('l7')}")[0])
     if rows != distinct:
         problems.append(f"the store holds {rows - distinct:,} duplicate l7 rows ({rows:,} rows, {distinct:,} event ids)")
     if distinct != sent:
