@@ -71,7 +71,6 @@ from core.datadir import DataDir  # noqa: E402
 from core.endpoints import XdsApi  # noqa: E402
 from core.installs import opa_binary  # noqa: E402
 from greymesh.runtime.opa import opa_argv, opa_config  # noqa: E402
-
 from tests.benchmarks.openloop import run  # noqa: E402
 from tests.benchmarks.procs import Procs, free_ports, machine, slug, stop_on_signals, verdict  # noqa: E402
 from tests.support.mesh import DEMO_SPEC, envoy_stat, wait_for  # noqa: E402

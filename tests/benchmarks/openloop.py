@@ -102,7 +102,7 @@ async def run(
                 status = await asyncio.wait_for(_read_response(reader), timeout_s)
                 if status != 200:
                     reason = f"status {status}"
-            except (TimeoutError, asyncio.TimeoutError):
+            except TimeoutError:
                 reason = "timeout"
             except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as exc:
                 reason = type(exc).__name__
