@@ -21,8 +21,12 @@ test: install
 # working; tiers are given per test module in tests/conftest.py (TIERS). PyTorch runs on
 # one thread here: on 2 busy cores its default threads spin, 3-4x the time of one.
 OMP_NUM_THREADS ?= 1
-test-unit: install
+test-unit: $(PY)
 	OMP_NUM_THREADS=$(OMP_NUM_THREADS) $(PY) -m pytest -q -m unit $(PYTEST_ARGS)
+
+# The installer only when there is no environment yet (its checks take ~40 s).
+$(PY):
+	@deploy/install.sh
 
 bench: install
 	@for b in tests/benchmarks/bench_*.py; do echo "==> $$b"; $(PY) $$b || exit 1; done

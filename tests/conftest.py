@@ -37,8 +37,9 @@ TIERS: dict[str, str] = {
     "test_identity.py": UNIT,           # the CA; TLS handshakes in memory with OpenSSL
     "test_layers.py": UNIT,             # the import layers, read from the source (AST)
     "test_meshspec.py": UNIT,           # mesh.yaml parsing and its error messages
-    "test_ml.py": UNIT,                 # detectors, registry, scorer, eval on generated windows
-    "test_ml_scenarios.py": UNIT,       # the autoencoder replayed over tests/data/scenarios
+    "test_ml.py": UNIT,                 # detectors, registry, scorer, eval on generated windows (GRU cases:
+                                        # integration, they train a network)
+    "test_ml_scenarios.py": INTEGRATION,  # trains the autoencoder on tests/data/scenarios (seconds of CPU)
     "test_spool.py": UNIT,              # the on-disk spool (and a SIGKILLed Python appender)
     "test_xds_ads.py": UNIT,            # our ADS server in process, against simulated Envoys
     "test_cli.py": INTEGRATION,         # `greymesh` answers; doctor runs envoy, opa, kafka, clickhouse
