@@ -2,7 +2,8 @@
 
     .venv/bin/python tests/benchmarks/bench_ml.py [--services 20] [--hours 24] [--score-services 1000]
     .venv/bin/python tests/benchmarks/bench_ml.py --quick   (2 services x 1 h, 20 scored services,
-        small training budgets: a smoke run whose numbers say nothing about the detectors)
+        small training budgets, PyTorch on one thread: a smoke run whose numbers say nothing
+        about the detectors)
 
 1. Training: a day of 10 s windows (8,640) for 20 services, per detector, each in a
    child process so that its peak memory (ru_maxrss) is its own.  The windows are the
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -152,6 +154,9 @@ def main() -> int:
     if args.quick:
         args.services, args.hours, args.score_services, args.rounds = 2, 1.0, 20, 3
         args.params = {**QUICK_PARAMS, **args.params}
+        # PyTorch on one thread unless told otherwise (read when torch is first imported, here
+        # and in the children): on 2 busy cores its default threads spin, twice the time of one.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     if args.child:
         train_child(args.recording, args.child, args.services, args.hours, args.params.get(args.child, {}))
         return 0
