@@ -70,7 +70,7 @@ def test_broken_route_is_refused_and_traffic_keeps_the_old_config(mesh: Mesh):
     with Traffic(mesh.entrypoint) as traffic:
         proc = mesh.apply(doc)
         assert proc.returncode == 2
-        assert "routes[0].split.v3" in proc.stderr and "candidate.yaml:" in proc.stderr, proc.stderr
+        assert "routes[0].split.v3" in proc.stderr and f"{mesh.last_applied}:" in proc.stderr, proc.stderr
         # The same mistake in the watched file (the one applied last) is refused by the control plane itself.
         watched = Path(mesh.status()["controlplane"]["watching"])
         mesh.write_spec(doc, watched)

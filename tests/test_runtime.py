@@ -104,7 +104,7 @@ def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mesh]:
 def test_one_spec_rule_up_watches_a_copy_apply_moves_the_watch_and_up_keeps_it(mesh: Mesh):
     copy = mesh.data_dir / "mesh.yaml"
     first = mesh.status()
-    candidate = mesh.data_dir.parent / "candidate.yaml"  # what the fixture applied last
+    candidate = mesh.last_applied  # what the fixture applied last
     assert first["spec_source"] == str(candidate) == first["controlplane"]["watching"]
     assert copy.read_text() == DEMO_SPEC.read_text()  # `up` without a file watched a copy, not the checkout's file
 

@@ -115,6 +115,8 @@ class Mesh:
         self.xds_api = xds_api
         self.up_args = up_args
         self.baseline = yaml.safe_load(DEMO_SPEC.read_text())
+        self.applies = 0
+        self.last_applied: Path | None = None
 
     def cli(self, *args: str, check: bool = True, timeout: float = 180) -> subprocess.CompletedProcess:
         proc = subprocess.run(
@@ -147,8 +149,11 @@ class Mesh:
         return path
 
     def apply(self, doc: dict) -> subprocess.CompletedProcess:
-        path = self.write_spec(doc, self.data_dir.parent / "candidate.yaml")
-        return self.cli("apply", str(path), check=False)
+        """`greymesh apply` of doc, written to a file of its own: the applied file becomes the
+        watched one, and rewriting a watched file in place would let the watch apply it first."""
+        self.applies += 1
+        self.last_applied = self.write_spec(doc, self.data_dir.parent / f"candidate-{self.applies}.yaml")
+        return self.cli("apply", str(self.last_applied), check=False)
 
     def nodes(self) -> dict:
         return self.status().get("controlplane", {}).get("nodes", {})
