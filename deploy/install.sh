@@ -112,7 +112,7 @@ fi
 # --- Apache Kafka (the audit tap's log), jars from Maven Central -----------------
 # No release tarball can be fetched here, so Maven resolves org.apache.kafka:kafka_2.13
 # and its runtime dependencies (deploy/kafka/pom.xml) into one libs/ folder; the broker
-# runs as `java -cp libs/* kafka.Kafka` (audit/kafka.py). Maven's local repository is
+# runs as `java -cp libs/* kafka.Kafka` (greymesh/runtime/kafka.py). Maven's local repository is
 # $GREYMESH_HOME/maven, not ~/.m2; delete it freely once libs/ is built.
 KAFKA_HOME=$GREYMESH_HOME/kafka/$KAFKA_VERSION
 if [ -f "$KAFKA_HOME/.complete" ]; then
@@ -145,7 +145,7 @@ fi
 # --- ClickHouse server (a shared tap store), Debian's package ---------------------
 # The default tap store is embedded chdb (a Python dependency above); a server is for a
 # store several processes share. Debian's clickhouse-server (18.16) is used as a binary
-# only: audit/clickhouse_server.py runs it with its own config, not as the packaged
+# only: greymesh/runtime/clickhouse.py runs it with its own config, not as the packaged
 # service. Debian installs it in /usr/sbin, which an ordinary user's PATH may lack.
 CH_PACKAGES="clickhouse-server clickhouse-client"
 ch_server=$(command -v clickhouse-server || { [ -x /usr/sbin/clickhouse-server ] && echo /usr/sbin/clickhouse-server; } || true)

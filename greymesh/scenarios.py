@@ -1,6 +1,6 @@
 """Fault scenarios on the real mesh, recorded as labeled windows for training and evaluation.
 
-``greymesh ml record`` (ml/cli.py) starts the demo mesh in its own data dir (no demo load
+``greymesh ml record`` (greymesh/ml_cli.py) starts the demo mesh in its own data dir (no demo load
 generator), drives open-loop traffic at its front door, and follows a timetable:
 
     warm-up                     not recorded (Envoy, Kafka and the store settle)

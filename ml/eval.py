@@ -2,7 +2,7 @@
 
 Two kinds of input:
 
-* a scenario recording (ml/scenarios.py): per service, its ``train`` windows fit the
+* a scenario recording (greymesh/scenarios.py): per service, its ``train`` windows fit the
   detector, its ``test`` windows (faults, recoveries and an hour of normal traffic) are
   scored and compared with the ``label`` column;
 * any labeled multivariate series as CSV files with a 0/1 label column, so public
@@ -293,7 +293,7 @@ def read_recording(path: Path) -> tuple[list[Window], RecordingMeta]:
 
 
 def load_recording(path: Path) -> list[Labeled]:
-    """A scenario recording (ml/scenarios.py) as one Labeled series per service."""
+    """A scenario recording (greymesh/scenarios.py) as one Labeled series per service."""
     windows, meta = read_recording(path)
     train_end = max((k[1] for k, v in meta.items() if v[2] == "train"), default=None)
     if train_end is None:

@@ -7,7 +7,7 @@ real API's would be.  Dependencies are called through the sidecar's outbound lis
 with the callee's name as Host, exactly as a meshed app would.
 
 Knobs make a service misbehave on purpose, for the anomaly detector's fault scenarios
-(ml/scenarios.py): ``<data dir>/knobs/<service>.json`` holds any of ``latency_ms``
+(greymesh/scenarios.py): ``<data dir>/knobs/<service>.json`` holds any of ``latency_ms``
 (added before answering), ``error_ratio`` (share of requests answered 503) and
 ``response_bytes`` (padding added to each answer).  Every instance of the service
 re-reads the file at most once a second, so a change applies without a restart.
