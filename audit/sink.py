@@ -157,11 +157,9 @@ SESSION_TIMEOUT_MS = 10_000  # kafka-python's default is 45 s
 class Sink:
     """Consumes the tap topics into ``store``; call :meth:`run` (or :meth:`step` in tests)."""
 
-    def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP, member: str | None = None,
+    def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP,
                  layers: Iterable[contracts.Layer] = contracts.LAYERS, max_poll_records: int = 2_000,
                  max_record_bytes: int = MAX_RECORD_BYTES):
-        """``member``: this sink's stable name in the group (Kafka static membership), so a
-        restarted sink takes its partitions back at once instead of after the session timeout."""
         self.store = store
         self.decoders = {contracts.topic(layer): EventDecoder(layer, max_record_bytes) for layer in layers}
         self.windows: dict[TopicPartition, RecentIds] = {}
@@ -175,9 +173,10 @@ class Sink:
             # Retrying an insert against a store that is down for minutes must not cost us
             # the group membership: the heartbeat thread keeps it, this bounds the wait.
             max_poll_interval_ms=15 * 60 * 1000,
-            # A sink that dies and does not come back hands its partitions on after this long.
+            # A killed sink's partitions go to the group again (a restarted sink, or another)
+            # once its session expires.  Static membership (group_instance_id) would skip the
+            # wait, but kafka-python's static member did not rejoin after a broker restart.
             session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=SESSION_TIMEOUT_MS // 5,
-            group_instance_id=member,
         )
         # kafka-python calls the listener on its I/O thread, where no blocking call (the
         # committed offset, the store) may run: it only notes the partitions.
@@ -410,8 +409,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", default=None, help="clickhouse://host:9000/db (default: embedded chdb in the data dir)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, required=True, help="the /stats and /query API")
-    p.add_argument("--member", help="a stable name in the consumer group, unique per sink (static membership: "
-                   "a restarted sink gets its partitions back at once)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
@@ -420,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(args.store, data_dir=args.data_dir)
     applied = store.migrate()
     log.info("store %s: migrations applied now: %s", store.url, applied or "none (up to date)")
-    sink = Sink(store, args.kafka, member=args.member)
+    sink = Sink(store, args.kafka)
     server = serve_api(sink, args.host, args.http_port)
     log.info("sink: Kafka %s -> %s; API on %s:%d", args.kafka, store.url, args.host, args.http_port)
     try:

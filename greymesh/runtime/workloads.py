@@ -159,7 +159,6 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
             ports=(als, http)))
     rows.append(Workload(
         "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, "--http-port", str(p[SINK_HTTP]),
-                        "--member", f"sink@{HOST}:{p[SINK_HTTP]}",
                         *(["--store", endpoints.store] if endpoints.store else [])),
         "infrastructure", ready=Probe("http", endpoints.url(SINK_HTTP) + "/stats"), after=pipe_after,
         ports=(SINK_HTTP,), stop_grace_s=30.0))
