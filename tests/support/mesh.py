@@ -135,7 +135,8 @@ class Mesh:
 
     @property
     def entrypoint(self) -> str:
-        return self.status()["entrypoint"]
+        """The front door, from the data dir (a data dir keeps its ports: no CLI call per request)."""
+        return json.loads((self.data_dir / "runtime.json").read_text())["entrypoint"]
 
     def spec(self) -> dict:
         """A fresh, mutable copy of the baseline spec."""
