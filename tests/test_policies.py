@@ -458,8 +458,10 @@ def test_the_policy_commands_use_the_data_dirs_opa(opa: Opa, tmp_path: Path, cap
     assert policy_cli("test", "--dir", str(opa.policy_dir)) == 0
     assert policy_cli("push", *dd) == 0
     assert "pushed" in capsys.readouterr().out and DataDir(data_dir).policy_journal.exists()
-    assert sorted(p.name for p in DataDir(data_dir).active_policy.iterdir()) == sorted(
-        p.name for p in opa.policy_dir.glob("*.rego"))  # kept for a restarted OPA
+    kept = DataDir(data_dir).active_policy  # kept for a restarted OPA, with the push's meta
+    assert sorted(p.name for p in kept.glob("*.rego")) == sorted(p.name for p in opa.policy_dir.glob("*.rego"))
+    assert json.loads((kept / policy.KEPT_META).read_text())["hash"] == policy.policy_hash(
+        policy.load_policy(opa.policy_dir))
     assert policy_cli("diff", *dd) == 0 and "runs exactly" in capsys.readouterr().out
 
     doc = tmp_path / "input.json"
