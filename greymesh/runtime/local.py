@@ -231,10 +231,14 @@ def _locked(dd: DataDir) -> Iterator[None]:
         yield
 
 
-def _controlplane_ready(dd: DataDir) -> bool:
+def _ready_workloads(dd: DataDir) -> set[str]:
+    """The workloads a running supervisor reports ready (none when no supervisor runs)."""
     state = sup.SupervisorState.load(dd) if sup.is_running(dd) else None
-    cp = state.workloads.get("controlplane") if state else None
-    return cp is not None and cp.state == "ready"
+    return {n for n, s in state.workloads.items() if s.state == "ready"} if state else set()
+
+
+def _controlplane_ready(dd: DataDir) -> bool:
+    return "controlplane" in _ready_workloads(dd)
 
 
 # --- up / down ----------------------------------------------------------------------
@@ -469,15 +473,10 @@ def _publish_placement(dd: DataDir, placement: Placement) -> None:
 
     def in_sync() -> bool:  # every sidecar that runs (new ones are not up yet) has ACKed
         nodes = jsonhttp.get(endpoints.url(CP_ADMIN) + "/status").get("nodes", {})
-        return all(nodes.get(name, {}).get("in_sync") for name in placement.sidecars if _sidecar_up(dd, name))
+        ready = _ready_workloads(dd)
+        return all(nodes.get(name, {}).get("in_sync") for name in placement.sidecars if f"envoy:{name}" in ready)
 
     _wait(in_sync, "every sidecar to ACK the new endpoints", dd.log("controlplane"), lambda _: None)
-
-
-def _sidecar_up(dd: DataDir, instance: str) -> bool:
-    state = sup.SupervisorState.load(dd)
-    s = state.workloads.get(f"envoy:{instance}") if state else None
-    return s is not None and s.state == "ready"
 
 
 def _save_table(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placement) -> None:
