@@ -15,6 +15,8 @@ All state of a local mesh lives under one data dir (``--data-dir``, default
     policy-journal.jsonl every policy push, refused ones too
     policy/active/       the modules of the last successful push (restored into a restarted OPA)
     models/              the anomaly detector's registry
+    secrets/             tokens and passwords, 0600 each (core/credentials.py); a workload
+                         is given the path of its own, never the value
     logs/<workload>.log  each workload's output
 """
 
@@ -96,6 +98,20 @@ class DataDir:
     def active_policy(self) -> Path:
         """A copy of the modules of the last successful push, so a restarted OPA gets them back."""
         return self.root / "policy" / "active"
+
+    @property
+    def secrets(self) -> Path:
+        """Tokens and passwords (0700 dir, 0600 files), one file each: core/credentials.py."""
+        return self.root / "secrets"
+
+    def secret(self, name: str) -> Path:
+        """The file of one secret, e.g. ``api.token`` (the token of greymesh's HTTP APIs)."""
+        return self.secrets / name
+
+    @property
+    def api_token(self) -> Path:
+        """The bearer token every greymesh HTTP API requires; the CLI reads it from here."""
+        return self.secret("api.token")
 
     def bootstrap(self, node_id: str) -> Path:
         return self.root / "envoy" / f"{node_id}.json"

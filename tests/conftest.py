@@ -34,6 +34,7 @@ UNIT, INTEGRATION, E2E = "unit", "integration", "e2e"
 
 # Test module (its path under tests/) -> tier.  A new test module joins here.
 TIERS: dict[str, str] = {
+    "test_credentials.py": UNIT,        # secrets: 0600 files, created once, refused when open to others
     "test_identity.py": UNIT,           # the CA; TLS handshakes in memory with OpenSSL
     "test_layers.py": UNIT,             # the import layers, read from the source (AST)
     "test_meshspec.py": UNIT,           # mesh.yaml parsing and its error messages
