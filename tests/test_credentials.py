@@ -38,7 +38,7 @@ def test_a_secret_others_can_read_is_refused_with_the_fix(tmp_path: Path) -> Non
     path = tmp_path / "secrets" / "api.token"
     credentials.issue(path)
     os.chmod(path, 0o640)
-    with pytest.raises(CredentialError, match=r"mode 0640 .* chmod 600"):
+    with pytest.raises(CredentialError, match=r"mode 0640 .*`chmod 600 "):
         credentials.read(path)
 
 
