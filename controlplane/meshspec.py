@@ -210,6 +210,38 @@ _MIN_DURATION = Decimal("0.001")  # Envoy counts timeouts in whole ms: less woul
 _MAX_DURATION = Decimal(315_576_000_000)  # the protobuf Duration range
 
 
+def _written(seconds: Decimal) -> str:
+    """A bound as the spec would write it: the largest unit that states it exactly."""
+    for unit in ("h", "m", "s", "ms"):
+        count = seconds / _DURATION_UNITS[unit]
+        if count == count.to_integral_value() and count >= 1:
+            return f"{count:f}{unit}"
+    return f"{seconds:f}s"
+
+
+def _duration_within(low: str, high: str) -> Callable[[_Field], float | None]:
+    """A reader of a duration bounded where a value outside would hurt the mesh (both bounds
+    written as in the spec, e.g. '1m' and '720h')."""
+    def seconds(written: str) -> Decimal:
+        found = _DURATION.fullmatch(written)
+        assert found, written
+        return Decimal(found[1]) * _DURATION_UNITS[found[2]]
+    lo, hi = seconds(low), seconds(high)
+    return lambda f: f.duration(lo, hi)
+
+
+# Bounds of the durations that can hurt.  An SVID that lives seconds re-issues in a busy
+# loop and takes the mesh down with the CA; one that lives years is a stolen key for years
+# (Istio caps workload certificates at 90 days; we renew at half-life, so 30 days means a
+# key older than 15 days is never in use).
+SVID_LIFETIME = _duration_within("1m", "720h")
+CONNECT_TIMEOUT = _duration_within("1ms", "5m")
+REQUEST_TIMEOUT = _duration_within("1ms", "24h")   # route timeout and per-try timeout
+EJECTION_TIME = _duration_within("1ms", "1h")      # outlier ejection base time
+DETECTION_INTERVAL = _duration_within("100ms", "1h")  # outlier sweeps: faster is a busy loop in Envoy
+FAULT_DELAY = _duration_within("1ms", "1h")
+
+
 def _compose(text: str, problems: list[Problem]) -> Node | None:
     """The document's node tree, or None after recording why there is none."""
     try:
@@ -317,8 +349,8 @@ class _Field:
         self._expected("a number")
         return None
 
-    def duration(self) -> float | None:
-        """Seconds, from a string like '250ms', '2s', '1.5s' or '1m'."""
+    def duration(self, low: Decimal = _MIN_DURATION, high: Decimal = _MAX_DURATION) -> float | None:
+        """Seconds, from a string like '250ms', '2s', '1.5s' or '1m', between low and high."""
         value = self._value()
         found = _DURATION.fullmatch(value) if isinstance(value, str) else None
         if found is None:
@@ -326,9 +358,9 @@ class _Field:
             self._expected("a duration like '250ms' or '2s'", f" (add a unit: '{self.node.value}s')" if bare else "")
             return None
         seconds = Decimal(found[1]) * _DURATION_UNITS[found[2]]
-        if _MIN_DURATION <= seconds <= _MAX_DURATION:
+        if low <= seconds <= high:
             return float(seconds)
-        self.fail(f"must be between 1ms and {_MAX_DURATION}s, got '{_shorten(value)}'")
+        self.fail(f"must be between {_written(low)} and {_written(high)}, got '{_shorten(value)}'")
         return None
 
     def _within(self, value: _N, low: int, high: int) -> _N | None:
@@ -526,7 +558,7 @@ def _identity(f: _Field) -> Identity | None:
     rule = "dot-separated lowercase labels, like 'greymesh.local' or 'prod.example.com'"
     trust_domain = m.read("trust_domain", lambda t: _matching(t, _TRUST_DOMAIN, "trust domain", rule),
                           Identity.trust_domain)
-    lifetime = m.read("svid_lifetime", _Field.duration, Identity.svid_lifetime_s)
+    lifetime = m.read("svid_lifetime", SVID_LIFETIME, Identity.svid_lifetime_s)
     return Identity(trust_domain=trust_domain, svid_lifetime_s=lifetime)
 
 
@@ -562,7 +594,7 @@ def _service(
     namespace = m.read("namespace", _label, Service.namespace)
     tags = m.read("tags", lambda t: _distinct(t, _tag, "tag"), ())
     fail_open = m.read("authz", _authz, Service.fail_open)
-    connect_timeout = m.read("connect_timeout", _Field.duration, Service.connect_timeout_s)
+    connect_timeout = m.read("connect_timeout", CONNECT_TIMEOUT, Service.connect_timeout_s)
     circuit_breaker = m.read("circuit_breaker", _circuit_breaker, CircuitBreaker())
     outlier_detection = m.read("outlier_detection", _outlier_detection, None)
     routes = m.read("routes", lambda r: _routes(r, name, subsets), ())
@@ -628,8 +660,8 @@ def _outlier_detection(f: _Field) -> OutlierDetection | None:
         return None
     return OutlierDetection(
         consecutive_5xx=m.read("consecutive_5xx", _positive, OutlierDetection.consecutive_5xx),
-        interval_s=m.read("interval", _Field.duration, OutlierDetection.interval_s),
-        base_ejection_time_s=m.read("base_ejection_time", _Field.duration, OutlierDetection.base_ejection_time_s),
+        interval_s=m.read("interval", DETECTION_INTERVAL, OutlierDetection.interval_s),
+        base_ejection_time_s=m.read("base_ejection_time", EJECTION_TIME, OutlierDetection.base_ejection_time_s),
         max_ejection_percent=m.read(
             "max_ejection_percent", lambda p: p.integer(0, 100), OutlierDetection.max_ejection_percent
         ),
@@ -655,7 +687,7 @@ def _route(f: _Field, service: str, subsets: tuple[str, ...] | None, names: dict
     match = m.need("match", _match)
     given = m.get("split")
     split = _sole_subset(f, service, subsets) if given is None else _split(given, service, subsets)
-    timeout = m.read("timeout", _Field.duration, None)
+    timeout = m.read("timeout", REQUEST_TIMEOUT, None)
     retries = m.read("retries", _retries, None)
     fault = m.read("fault", _fault, None)
     if name is None or match is None or split is None:
@@ -739,7 +771,7 @@ def _retries(f: _Field) -> RetryPolicy | None:
     return RetryPolicy(
         attempts=m.read("attempts", lambda a: a.integer(0, 10), RetryPolicy.attempts),
         retry_on=m.read("retry_on", _retry_on, RetryPolicy.retry_on),
-        per_try_timeout_s=m.read("per_try_timeout", _Field.duration, RetryPolicy.per_try_timeout_s),
+        per_try_timeout_s=m.read("per_try_timeout", REQUEST_TIMEOUT, RetryPolicy.per_try_timeout_s),
     )
 
 
@@ -769,7 +801,7 @@ def _fault_delay(f: _Field) -> FaultDelay | None:
     m = f.mapping(("percent", "fixed"))
     if m is None:
         return None
-    percent, fixed = m.need("percent", _percent), m.need("fixed", _Field.duration)
+    percent, fixed = m.need("percent", _percent), m.need("fixed", FAULT_DELAY)
     return None if percent is None or fixed is None else FaultDelay(percent=percent, fixed_delay_s=fixed)
 
 
