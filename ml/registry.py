@@ -13,7 +13,7 @@ sees half of one.  Loading checks everything before anything is used: the manife
 format, that its features are the ones this greymesh computes, that the detector kind
 exists, and every payload's checksum; a failure is a :class:`ModelError` that names the
 file and what to do, and the caller keeps the model it had.  Payloads are pickles, read
-with an unpickler that only admits numpy, scikit-learn and plain Python values, and the
+with an unpickler that admits an exact list of numpy and scikit-learn names, and the
 folder is private to its user (0700, files 0600): a model file is code-adjacent.
 """
 
@@ -45,15 +45,22 @@ class ModelError(Exception):
 
 
 class _SafeUnpickler(pickle.Unpickler):
-    _MODULES = ("numpy", "sklearn", "scipy")
-    _BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "bytes", "bytearray", "int", "float", "str",
-                 "bool", "complex", "slice", "range", "object", "getattr"}
+    """Admits exactly the globals a detector's state pickles to, nothing by prefix: a
+    dotted name under an admitted module (``sklearn`` + ``os.system``) reaches anything
+    that module imported.  A detector whose state needs another global adds it here, with
+    the test that trains it (tests/test_ml.py)."""
+
+    ALLOWED = frozenset({
+        ("numpy", "dtype"), ("numpy", "ndarray"),
+        ("numpy._core.numeric", "_frombuffer"),            # contiguous arrays, pickle protocol 5
+        ("numpy._core.multiarray", "_reconstruct"),        # arrays that are not contiguous
+        ("sklearn.ensemble._iforest", "IsolationForest"),  # iforest: the fitted estimator
+        ("sklearn.tree._classes", "ExtraTreeRegressor"),
+        ("sklearn.tree._tree", "Tree"),
+    })
 
     def find_class(self, module: str, name: str) -> Any:
-        top = module.split(".", 1)[0]
-        if top in self._MODULES or (module == "builtins" and name in self._BUILTINS) \
-                or (module, name) in {("copyreg", "_reconstructor"), ("_codecs", "encode"),
-                                      ("collections", "OrderedDict")}:
+        if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a model file")
 

@@ -226,6 +226,31 @@ def test_a_model_file_cannot_run_code_when_loaded(tmp_path: Path) -> None:
         reg.load()
 
 
+def test_a_dotted_name_under_an_admitted_module_cannot_reach_os_system(tmp_path: Path) -> None:
+    # `sklearn` imports os: with pickle protocol 4, the global ("sklearn", "os.system") is
+    # os.system itself.  An unpickler admitting "anything under sklearn" runs the command.
+    canary = tmp_path / "ran"
+    evil = _pickle_call("sklearn", "os.system", f"touch {canary}")
+    reg = Registry(tmp_path / "models")
+    reg.save(mesh_model("iforest"))
+    target = tmp_path / "models" / "v0001" / "orders.pkl"
+    target.write_bytes(evil)
+    manifest = tmp_path / "models" / "v0001" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["services"]["orders"]["sha256"] = hashlib.sha256(evil).hexdigest()
+    manifest.write_text(json.dumps(doc))
+    with pytest.raises(ModelError, match=r"refusing to load sklearn\.os\.system"):
+        reg.load()
+    assert not canary.exists()
+
+
+def _pickle_call(module: str, name: str, arg: str) -> bytes:
+    """A protocol-4 pickle that calls module.name(arg) when loaded (STACK_GLOBAL, REDUCE)."""
+    def text(s: str) -> bytes:
+        return b"\x8c" + bytes([len(s.encode())]) + s.encode()
+    return b"\x80\x04" + text(module) + text(name) + b"\x93" + text(arg) + b"\x85R."
+
+
 # --- scorer ---------------------------------------------------------------------
 
 
