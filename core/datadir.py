@@ -23,8 +23,15 @@ All state of a local mesh lives under one data dir (``--data-dir``, default
 from __future__ import annotations
 
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.errors import InputError
+
+# What every greymesh process creates is its user's alone: files 0600, directories 0700.
+# The CLI and the supervisor set it; workloads inherit it.
+PRIVATE_UMASK = 0o077
 
 
 def default_data_dir() -> Path:
@@ -39,8 +46,17 @@ class DataDir:
     root: Path
 
     def create(self) -> DataDir:
-        """Make the data dir (0700: logs, keys and the store are nobody else's business)."""
+        """Make the data dir, or make an existing one private (0700: logs, keys, Kafka's data
+        and the store are nobody else's business).  A shared directory (sticky, like /tmp,
+        or another user's) is refused rather than taken over."""
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        st = self.root.stat()
+        if st.st_uid != os.getuid() or st.st_mode & stat.S_ISVTX:
+            raise InputError(f"data dir {self.root}: a shared directory (mode {stat.S_IMODE(st.st_mode):04o}, "
+                             f"owner uid {st.st_uid}); choose a directory of your own with --data-dir or "
+                             "GREYMESH_DATA_DIR")
+        if stat.S_IMODE(st.st_mode) != 0o700:
+            os.chmod(self.root, 0o700)
         return self
 
     @property
@@ -120,7 +136,7 @@ class DataDir:
         return self.logs / f"{workload.replace(':', '-').replace('/', '-')}.log"
 
 
-def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     """Replace path's content in one step: readers see the old file or the new one, never half."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from controlplane.meshspec import SpecError
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPE_ORDER
-from core.datadir import DataDir, default_data_dir
+from core.datadir import PRIVATE_UMASK, DataDir, default_data_dir
 from core.errors import GreymeshError
 from greymesh import doctor, ml_cli, policy_cli, taps_cli
 from greymesh.runtime import local as runtime
 
 
 def main(argv: list[str] | None = None) -> int:
+    os.umask(PRIVATE_UMASK)
     args = _parser().parse_args(argv)
     try:
         return args.func(args)

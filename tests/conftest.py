@@ -36,6 +36,7 @@ UNIT, INTEGRATION, E2E = "unit", "integration", "e2e"
 TIERS: dict[str, str] = {
     "test_credentials.py": UNIT,        # secrets: 0600 files, created once, refused when open to others
     "test_identity.py": UNIT,           # the CA; TLS handshakes in memory with OpenSSL
+    "test_security_files.py": UNIT,     # the data dir and state files are private
     "test_layers.py": UNIT,             # the import layers, read from the source (AST)
     "test_meshspec.py": UNIT,           # mesh.yaml parsing and its error messages
     "test_ml.py": UNIT,                 # detectors, registry, scorer, eval on generated windows (GRU cases:

@@ -6,12 +6,14 @@ injected on payments (its knobs) becomes an anomaly that travels Kafka
 from __future__ import annotations
 
 import json
+import stat
 import time
 from collections.abc import Iterator
 
 import pytest
 import yaml
 
+from controlplane.identity import BUNDLE_FILE, CERT_FILE
 from core.contracts import WINDOW_SECONDS
 from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, wait_for
 
@@ -67,3 +69,14 @@ def test_a_latency_fault_on_payments_becomes_a_stored_anomaly_within_3_windows(m
 def test_rollback_without_an_earlier_version_is_refused(mesh: Mesh) -> None:
     proc = mesh.cli("ml", "rollback", check=False)
     assert proc.returncode == 1 and "no version before" in proc.stderr
+
+
+def test_nothing_of_a_running_mesh_is_open_to_other_users(mesh: Mesh) -> None:
+    # This mesh runs every component with its defaults: Kafka's data, the embedded store,
+    # the model registry, keys, tokens and logs all live in its data dir.
+    assert (mesh.data_dir / "store").is_dir() and (mesh.data_dir / "kafka").is_dir()
+    assert stat.S_IMODE(mesh.data_dir.stat().st_mode) == 0o700
+    public = {CERT_FILE, BUNDLE_FILE}  # CA certificates: public by nature
+    open_to_others = [f"{p} {stat.S_IMODE(p.lstat().st_mode):04o}" for p in mesh.data_dir.rglob("*")
+                      if not p.is_symlink() and p.name not in public and p.lstat().st_mode & 0o077]
+    assert open_to_others == [], "\n".join(open_to_others[:20])

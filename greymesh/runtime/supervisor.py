@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Literal
 
 from core import jsonhttp, kafka
-from core.datadir import DataDir, write_atomic
+from core.credentials import CredentialError
+from core.datadir import PRIVATE_UMASK, DataDir, write_atomic
 from greymesh.runtime.workloads import Probe, Table, Workload, start_order
 
 log = logging.getLogger("greymesh.supervisor")
@@ -152,7 +153,11 @@ def probe(p: Probe) -> str | None:
                 return None
         except OSError as exc:
             return f"{p.target}: {exc.strerror or exc}"
-    return kafka.broker_ready(p.target, timeout_s=2.0)
+    try:
+        return kafka.broker_ready(p.target, timeout_s=2.0,
+                                  auth=kafka.KafkaAuth.from_secret(Path(p.secret)) if p.secret else None)
+    except CredentialError as exc:  # reported as the reason it is not ready; the supervisor goes on
+        return str(exc)
 
 
 class _Running:
@@ -425,6 +430,7 @@ def main(argv: list[str] | None = None) -> int:
                                 description="Run a data dir's workload table and keep it running.")
     p.add_argument("--data-dir", type=Path, required=True)
     args = p.parse_args(argv)
+    os.umask(PRIVATE_UMASK)  # every workload inherits it: logs, Kafka's data, the store, keys
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # the broker probe's client: a line per connection
     dd = DataDir(args.data_dir)
