@@ -45,7 +45,7 @@ from kafka.errors import KafkaError
 from kafka.structs import OffsetAndMetadata
 
 from audit.store import Store, StoreError, open_store, table_for
-from core import contracts
+from core import contracts, credentials
 from core.jsonhttp import JsonHandler, serve
 
 log = logging.getLogger("greymesh.sink")
@@ -384,9 +384,8 @@ def serve_api(sink: Sink, host: str, port: int) -> ThreadingHTTPServer:
             except (ValueError, KeyError, TypeError) as exc:
                 self.send_json(400, {"error": f'send {{"sql": "SELECT ..."}}: {exc}'})
                 return
-            try:
-                with sink.store_lock:
-                    columns, rows = sink.store.query_readonly(sql)
+            try:  # the store's sandbox bounds it; the sink's inserts do not wait for it
+                columns, rows = sink.store.query_readonly(sql)
             except StoreError as exc:
                 self.send_json(400, {"error": str(exc)})
                 return
@@ -406,7 +405,10 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m audit.sink", description="Consume the tap topics into the store.")
     p.add_argument("--data-dir", type=Path, required=True)
     p.add_argument("--kafka", required=True, help="bootstrap servers, host:port[,host:port...]")
-    p.add_argument("--store", default=None, help="clickhouse://host:9000/db (default: embedded chdb in the data dir)")
+    p.add_argument("--store", default=None, help="clickhouse://[user@]host:9000/db[?secure=1&ca_certs=FILE] "
+                                                 "(default: embedded chdb in the data dir)")
+    p.add_argument("--store-password-file", type=Path, default=None,
+                   help="a 0600 file holding the ClickHouse server's password (never the password itself)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, required=True, help="the /stats and /query API")
     args = p.parse_args(argv)
@@ -414,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    store = open_store(args.store, data_dir=args.data_dir)
+    password = credentials.read(args.store_password_file) if args.store_password_file else ""
+    store = open_store(args.store, data_dir=args.data_dir, password=password)
     applied = store.migrate()
     log.info("store %s: migrations applied now: %s", store.url, applied or "none (up to date)")
     sink = Sink(store, args.kafka)

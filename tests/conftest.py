@@ -49,6 +49,7 @@ TIERS: dict[str, str] = {
     "test_mtls_envoy.py": INTEGRATION,  # two real Envoys on our in-process ADS (one unit test too)
     "test_policies.py": INTEGRATION,    # a real OPA
     "test_store.py": INTEGRATION,       # chdb, and a real ClickHouse server
+    "test_security_query.py": INTEGRATION,  # the query sandbox's attacks on chdb and a real ClickHouse server
     "test_supervisor.py": INTEGRATION,  # our supervisor daemon over real child processes, killed and restarted
     "test_tap_producer.py": INTEGRATION,  # a real Kafka
     "test_sink.py": E2E,                # a real Kafka into chdb or a ClickHouse server

@@ -221,7 +221,7 @@ def test_query_readonly_answers_a_select(store: Store) -> None:
 
 @pytest.mark.parametrize("url", [
     "postgres://localhost/greymesh", "chdb", "chdb://relative/path", "chdb:///abs?x=1", "clickhouse://",
-    "clickhouse://host:port/db", "clickhouse://host:9000/bad-name", "clickhouse://u:s3cret@host:99999/db",
+    "clickhouse://host:port/db", "clickhouse://host:9000/bad-name", "clickhouse://u@host:99999/db",
 ])
 def test_open_store_rejects_a_bad_url_with_the_accepted_forms(url: str, tmp_path: Path) -> None:
     if url == "chdb":  # the one good URL of the list: the default, under the data dir
@@ -232,13 +232,13 @@ def test_open_store_rejects_a_bad_url_with_the_accepted_forms(url: str, tmp_path
     with pytest.raises(StoreError) as err:
         open_store(url, data_dir=tmp_path)
     message = str(err.value)
-    assert "s3cret" not in message
-    assert url.replace("s3cret", "***") in message
+    assert url in message
     assert "chdb:///absolute/path" in message and "clickhouse://" in message
 
 
 def test_open_store_reads_a_server_url_and_never_shows_its_password(tmp_path: Path) -> None:
-    st = open_store("clickhouse://audit:pa%40ss@db.example:9100/taps", data_dir=tmp_path)
+    # A password in the URL is refused: tests/test_security_query.py.
+    st = open_store("clickhouse://audit@db.example:9100/taps", data_dir=tmp_path, password="pa@ss")
     assert isinstance(st, ClickHouseStore)
     assert st.url == "clickhouse://audit@db.example:9100/taps" and st.database == "taps"
     st.close()  # nothing was connected: the driver connects on first use

@@ -26,7 +26,9 @@ SBIN_SERVER = Path("/usr/sbin/clickhouse-server")
 INSTALL = "apt-get install clickhouse-server"
 
 # Caches sized for a dev box (the packaged defaults are 5 GiB of marks and 8 GiB of
-# uncompressed blocks); no interserver port, since nothing replicates.
+# uncompressed blocks); no interserver port, since nothing replicates.  user_files is an
+# empty directory nothing writes to: the only place the server's file() may read, were a
+# user statement ever let past readonly=1 (audit/store.py, Store.sandboxed).
 CONFIG = """\
 <?xml version="1.0"?>
 <yandex>
@@ -53,8 +55,10 @@ CONFIG = """\
     <mlock_executable>false</mlock_executable>
 </yandex>
 """
-# One passwordless user, reachable from loopback only; the readonly profile is what
-# `readonly=1` per query gives too (audit/store.py sets that for user queries).
+# One passwordless user, reachable from loopback only.  User statements run with the
+# sandbox's settings sent with each query (audit/store.py, QueryLimits: the limits, then
+# readonly=1, after which the statement can change no setting); the readonly profile
+# says the same for a user an operator dedicates to queries.
 USERS = """\
 <?xml version="1.0"?>
 <yandex>

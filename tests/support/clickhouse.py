@@ -22,10 +22,12 @@ from pathlib import Path
 import pytest
 
 from greymesh.runtime import clickhouse as server
-from audit.store import ChdbStore, ClickHouseStore, Store, StoreError
+from audit.store import ChdbStore, ClickHouseStore, QueryLimits, Store, StoreError
 from tests.support.net import free_port
 
 READY_TIMEOUT = 60.0
+# Small enough that a test of each limit takes seconds, large enough for a real query.
+TEST_LIMITS = QueryLimits(max_execution_time_s=2, max_result_rows=1_000, max_memory_bytes=100_000_000)
 STOP_TIMEOUT = 30.0
 
 
@@ -91,16 +93,14 @@ def clickhouse_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Clic
     srv.stop()
 
 
-@pytest.fixture(params=["chdb", "clickhouse"])
-def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
-    """A store of each backend with nothing in it yet (not migrated)."""
+def _new_store(request: pytest.FixtureRequest, tmp_path: Path, limits: QueryLimits) -> Iterator[Store]:
     if request.param == "chdb":
-        st: Store = ChdbStore(tmp_path / "chdb")
+        st: Store = ChdbStore(tmp_path / "chdb", limits=limits)
         yield st
         st.close()
         return
     srv: ClickHouseServer = request.getfixturevalue("clickhouse_server")
-    st = ClickHouseStore(srv.host, srv.port, f"test_{uuid.uuid4().hex[:12]}")
+    st = ClickHouseStore(srv.host, srv.port, f"test_{uuid.uuid4().hex[:12]}", limits=limits)
     yield st
     try:
         st.query(f"DROP DATABASE IF EXISTS {st.database}")
@@ -109,8 +109,22 @@ def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stor
     st.close()
 
 
+@pytest.fixture(params=["chdb", "clickhouse"])
+def empty_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A store of each backend with nothing in it yet (not migrated)."""
+    yield from _new_store(request, tmp_path, QueryLimits())
+
+
 @pytest.fixture
 def store(empty_store: Store) -> Store:
     """A fresh, migrated store of each backend."""
     empty_store.migrate()
     return empty_store
+
+
+@pytest.fixture(params=["chdb", "clickhouse"])
+def limited_store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Store]:
+    """A fresh, migrated store of each backend whose user statements have TEST_LIMITS."""
+    for st in _new_store(request, tmp_path, TEST_LIMITS):
+        st.migrate()
+        yield st
