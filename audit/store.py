@@ -50,8 +50,9 @@ DEFAULT_SECURE_PORT = 9440  # ClickHouse's native protocol over TLS
 ACCEPTED = ("'chdb' (embedded, in the data dir; the default), 'chdb:///absolute/path' (embedded, there) or "
             "'clickhouse://[user@]host[:port][/database][?secure=1[&ca_certs=/absolute/ca.pem]]' (a server; "
             "port 9000, or 9440 with secure=1; database greymesh)")
+PASSWORD_ENV = "GREYMESH_STORE_PASSWORD"  # `greymesh up` reads a server store's password from it
 PASSWORD_ADVICE = ("put the password in a file only you can read (chmod 600) and pass --store-password-file FILE, "
-                   "or set GREYMESH_STORE_PASSWORD; a password in the URL would show in `ps`, shell history and "
+                   f"or set {PASSWORD_ENV}; a password in the URL would show in `ps`, shell history and "
                    "runtime.json")
 _TRUE = frozenset({"1", "true", "yes"})
 READONLY_STATEMENTS = frozenset({"SELECT", "WITH", "SHOW", "DESCRIBE", "DESC", "EXISTS"})

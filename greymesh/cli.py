@@ -19,6 +19,8 @@ from pathlib import Path
 
 from controlplane.meshspec import SpecError
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPE_ORDER
+from audit.store import PASSWORD_ENV as STORE_PASSWORD_ENV
+from core import credentials
 from core.datadir import PRIVATE_UMASK, DataDir, default_data_dir
 from core.errors import GreymeshError
 from greymesh import doctor, ml_cli, policy_cli, taps_cli
@@ -66,6 +68,9 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--kafka", metavar="HOST:PORT[,...]",
                     help="an existing Kafka cluster for the audit taps, or 'local' to run a broker here "
                          "(default: what this data dir used last; a local broker at first)")
+    sp.add_argument("--store-password-file", metavar="FILE", type=Path,
+                    help="a file only you can read (0600) holding the ClickHouse server's password "
+                         f"(or set {STORE_PASSWORD_ENV}); never put it in --store")
     sp.add_argument("--store", metavar="URL",
                     help="tap store: clickhouse://host:9000/db, or 'chdb' for the embedded store in the data dir "
                          "(default: what this data dir used last; chdb at first)")
@@ -105,11 +110,19 @@ def _parser() -> argparse.ArgumentParser:
 # --- commands --------------------------------------------------------------------------
 
 
+def _store_password(args: argparse.Namespace) -> str | None:
+    """The server store's password from --store-password-file or the environment; None: unsaid."""
+    if args.store_password_file:
+        return credentials.read(args.store_password_file)
+    return os.environ.get(STORE_PASSWORD_ENV)
+
+
 def _up(args: argparse.Namespace) -> int:
     dd = DataDir(args.data_dir)
     spec = args.spec or runtime.default_spec(dd)
     endpoints = runtime.up(dd, spec, xds_api=args.xds_api, load_rps=args.rps, watch=not args.no_watch,
-                           kafka=args.kafka, store=args.store, progress=_progress)
+                           kafka=args.kafka, store=args.store, store_password=_store_password(args),
+                           progress=_progress)
     print(f"mesh is up: entrypoint {endpoints.entrypoint}  (spec {spec.resolve()}, data dir {dd.root}; "
           f"`greymesh status --data-dir {dd.root}`, `greymesh down --data-dir {dd.root}`)")
     if not args.foreground:

@@ -13,6 +13,7 @@ import http.server
 import os
 import random
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Iterator
@@ -20,7 +21,10 @@ from pathlib import Path
 
 import pytest
 
-from audit.store import ChdbStore, ClickHouseStore, QueryLimits, Store, StoreError, check_url, open_store
+from audit.store import ChdbStore, ClickHouseStore, QueryLimits, Store, StoreError, check_url, open_store, redacted
+from core import credentials
+from core.datadir import DataDir
+from greymesh.runtime import local, workloads
 from tests.support.clickhouse import TEST_LIMITS, ClickHouseServer
 from tests.support.net import free_port
 
@@ -297,3 +301,16 @@ def test_the_password_reaches_the_server(clickhouse_server: ClickHouseServer, tm
     with open_store(url, data_dir=tmp_path, password="wrong") as st:
         with pytest.raises(StoreError, match="(?i)password|authentication"):
             st.sandboxed("SELECT 1")
+
+
+def test_up_keeps_the_store_password_in_a_private_secret_only(tmp_path: Path) -> None:
+    dd = DataDir(tmp_path / "mesh")
+    dd.create()
+    local._keep_store_password(dd, "clickhouse://audit@db.example/taps", "s3cret")
+    secret = dd.secret(workloads.STORE_PASSWORD)
+    assert credentials.read(secret) == "s3cret" and stat.S_IMODE(secret.stat().st_mode) == 0o600
+    local._keep_store_password(dd, None, None)  # a later `up` that says nothing keeps it
+    assert secret.exists()
+    local._keep_store_password(dd, "chdb", None)  # another store without a password drops it
+    assert not secret.exists()
+    assert redacted("clickhouse://a:s3cret@h/db") == "clickhouse://a:***@h/db"  # an old runtime.json, in status

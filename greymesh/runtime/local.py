@@ -35,10 +35,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from audit.store import StoreError, check_url
+from audit.store import StoreError, check_url, redacted
 from controlplane.meshspec import MeshSpec, load_spec
 from controlplane.placement import Placement, SidecarPorts
-from core import jsonhttp
+from core import credentials, jsonhttp
 from core import kafka as kafka_client
 from core.datadir import DataDir, write_atomic
 from core.endpoints import (
@@ -266,6 +266,7 @@ def up(
     watch: bool = True,
     kafka: str | None = None,
     store: str | None = None,
+    store_password: str | None = None,
     auto_train_minutes: float | None = 20.0,
     progress: Progress = print,
 ) -> Endpoints:
@@ -293,6 +294,7 @@ def up(
             endpoints.kafka = None if kafka == LOCAL_KAFKA else kafka
         if store is not None:
             endpoints.store = None if store == "chdb" else store
+        _keep_store_password(dd, store, store_password)
         previous = Placement.load(dd.placement) if dd.placement.exists() else None
         placement = place(dd, spec, endpoints, previous)
         entry = next(n for n, p in sorted(placement.sidecars.items()) if p.service == spec.entrypoint)
@@ -318,6 +320,16 @@ def up(
         _wait(lambda: jsonhttp.http_ok(endpoints.entrypoint), f"a request through the mesh ({endpoints.entrypoint})",
               dd.log(f"envoy:{entry}"), progress)
         return endpoints
+
+
+def _keep_store_password(dd: DataDir, store: str | None, password: str | None) -> None:
+    """Keep a server store's password where only the sink reads it (a 0600 secret whose
+    path, never value, is on the sink's command line); a new store without one drops it."""
+    path = dd.secret(workloads.STORE_PASSWORD)
+    if password is not None or store is not None:
+        path.unlink(missing_ok=True)
+    if password:
+        credentials.issue(path, password)
 
 
 def _prepare_infrastructure(dd: DataDir, endpoints: Endpoints, progress: Progress) -> None:
@@ -534,7 +546,7 @@ def status(dd: DataDir) -> dict:
         with contextlib.suppress(OSError, ValueError):
             doc["loadgen"] = json.loads(dd.loadgen_tally.read_text())
     if {"taps", "sink"} <= up_:
-        doc["taps"] = {"kafka": endpoints.kafka_bootstrap(), "store": endpoints.store or "chdb (embedded)",
+        doc["taps"] = {"kafka": endpoints.kafka_bootstrap(), "store": redacted(endpoints.store) if endpoints.store else "chdb (embedded)",
                        "collector": _stats(endpoints.url(TAPS_HTTP) + "/stats"),
                        "sink": _stats(endpoints.url(SINK_HTTP) + "/stats")}
     if "scorer" in up_:

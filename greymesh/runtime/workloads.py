@@ -33,6 +33,7 @@ from greymesh.runtime.opa import opa_argv
 
 ProbeKind = Literal["http", "tcp", "kafka", "none"]
 Restart = Literal["always", "never"]
+STORE_PASSWORD = "store.password"  # the secret holding a server store's password; the sink reads it
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,10 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
             ports=(als, http)))
     rows.append(Workload(
         "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, "--http-port", str(p[SINK_HTTP]),
-                        *(["--store", endpoints.store] if endpoints.store else [])),
+                        *(["--store", endpoints.store] if endpoints.store else []),
+                        # The path of the server's password, never the password (core/credentials.py).
+                        *(["--store-password-file", str(dd.secret(STORE_PASSWORD))]
+                          if endpoints.store and dd.secret(STORE_PASSWORD).exists() else [])),
         "infrastructure", ready=Probe("http", endpoints.url(SINK_HTTP) + "/stats"), after=pipe_after,
         ports=(SINK_HTTP,), stop_grace_s=30.0))
     rows.append(Workload(
