@@ -46,7 +46,8 @@ from kafka.structs import OffsetAndMetadata
 
 from audit.store import Store, StoreError, open_store, table_for
 from core import contracts, credentials
-from core.jsonhttp import JsonHandler, serve
+from core.credentials import CredentialError
+from core.jsonhttp import CLI, Access, ApiHandler, Credential, serve
 
 log = logging.getLogger("greymesh.sink")
 
@@ -60,6 +61,8 @@ STATS_EVERY_S = 2.0
 # in the background): a batch is stored at this many rows or this age, whichever first.
 BATCH_ROWS = 50_000
 BATCH_S = 0.5
+MAX_QUERY_BODY_BYTES = 1 << 20  # {"sql": ...}: a query, not data
+SCORER = "scorer"  # the principal of the scorer's token: it may query, nothing else
 
 EVENT_ID = 1  # the column index of event_id in every layer (asserted below)
 assert all(names.index("event_id") == EVENT_ID for names in contracts.NAMES.values())
@@ -360,12 +363,19 @@ class _Rebalance(ConsumerRebalanceListener):
         self.on_assigned(assigned)
 
 
-def serve_api(sink: Sink, host: str, port: int) -> ThreadingHTTPServer:
-    """The sink's loopback API: ``GET /stats`` and ``POST /query`` (``{"sql": ...}``,
-    read-only).  Queries go through the sink because an embedded (chdb) store belongs
-    to the one process that opened it."""
+def api_access(api_token: Path, scorer_token: Path) -> Access:
+    """Who may call the sink's API: the CLI (both paths) and the scorer (``/query`` only)."""
+    return Access((Credential.load(CLI, api_token), Credential.load(SCORER, scorer_token)), MAX_QUERY_BODY_BYTES,
+                  only={"/stats": frozenset({CLI}), "/query": frozenset({CLI, SCORER})})
 
-    class Handler(JsonHandler):
+
+def serve_api(sink: Sink, host: str, port: int, access: Access) -> ThreadingHTTPServer:
+    """The sink's loopback API: ``GET /stats`` and ``POST /query`` (``{"sql": ...}``,
+    read-only), for the holders ``access`` names (core/jsonhttp.py checks every request).
+    Queries go through the sink because an embedded (chdb) store belongs to the one
+    process that opened it."""
+
+    class Handler(ApiHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server's name)
             if self.path == "/stats":
                 self.send_json(200, sink.snapshot())
@@ -377,8 +387,7 @@ def serve_api(sink: Sink, host: str, port: int) -> ThreadingHTTPServer:
                 self.send_json(404, {"error": f"no {self.path} here: GET /stats, POST /query"})
                 return
             try:
-                length = int(self.headers.get("Content-Length", "0"))
-                sql = json.loads(self.rfile.read(length))["sql"]
+                sql = json.loads(self.read_body())["sql"]
                 if not isinstance(sql, str):
                     raise TypeError("sql must be a string")
             except (ValueError, KeyError, TypeError) as exc:
@@ -391,7 +400,7 @@ def serve_api(sink: Sink, host: str, port: int) -> ThreadingHTTPServer:
                 return
             self.send_json(200, {"columns": columns, "rows": [[_jsonable(v) for v in r] for r in rows]})
 
-    server = serve(Handler, host, port)
+    server = serve(Handler, host, port, access)
     threading.Thread(target=server.serve_forever, name="sink-api", daemon=True).start()
     return server
 
@@ -411,17 +420,24 @@ def main(argv: list[str] | None = None) -> int:
                    help="a 0600 file holding the ClickHouse server's password (never the password itself)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--http-port", type=int, required=True, help="the /stats and /query API")
+    p.add_argument("--api-token-file", type=Path, required=True, help="the CLI's token (0600): /stats and /query")
+    p.add_argument("--scorer-token-file", type=Path, required=True, help="the scorer's token (0600): /query")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        access = api_access(args.api_token_file, args.scorer_token_file)
+    except CredentialError as exc:
+        log.error("%s", exc)
+        return 2
     password = credentials.read(args.store_password_file) if args.store_password_file else ""
     store = open_store(args.store, data_dir=args.data_dir, password=password)
     applied = store.migrate()
     log.info("store %s: migrations applied now: %s", store.url, applied or "none (up to date)")
     sink = Sink(store, args.kafka)
-    server = serve_api(sink, args.host, args.http_port)
+    server = serve_api(sink, args.host, args.http_port, access)
     log.info("sink: Kafka %s -> %s; API on %s:%d", args.kafka, store.url, args.host, args.http_port)
     try:
         sink.run(stop)

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from core.datadir import DataDir
-from core.endpoints import SINK_HTTP, Endpoints
+from core.endpoints import Endpoints
 from core.errors import GreymeshError, InputError
 from greymesh import scenarios
 from ml import eval as ml_eval
@@ -37,8 +37,8 @@ def registry_of(data_dir: Path) -> Registry:
     return Registry(DataDir(data_dir).models)
 
 
-def _sink_url(data_dir: Path) -> str:
-    return Endpoints.require(DataDir(data_dir), SINK_HTTP, "taps").url(SINK_HTTP)
+def _sink_windows(data_dir: Path) -> SinkWindows:
+    return SinkWindows(StoreClient.of_mesh(DataDir(data_dir)))
 
 
 def _when(text: str) -> int:
@@ -135,7 +135,7 @@ def _train(args: argparse.Namespace) -> int:
     until = min(args.until // WINDOW_SECONDS * WINDOW_SECONDS, closed_until(time.time()))
     print(f"reading windows {_iso(since)} .. {_iso(until)} from the store", flush=True)
     try:
-        model = train_from(SinkWindows(_sink_url(args.data_dir)), args.detector, {"seed": args.seed}, since=since, until=until,
+        model = train_from(_sink_windows(args.data_dir), args.detector, {"seed": args.seed}, since=since, until=until,
                            progress=lambda m: print(m, flush=True))
     except TrainingError as exc:
         raise GreymeshError(str(exc)) from None
@@ -145,8 +145,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
-    url = _sink_url(args.data_dir)
-    worker = scorer.Scorer(SinkWindows(url), registry_of(args.data_dir),
+    worker = scorer.Scorer(_sink_windows(args.data_dir), registry_of(args.data_dir),
                            scorer.kafka_emitter(Endpoints.load(DataDir(args.data_dir)).kafka_bootstrap()))
     stop = threading.Event()
     print("scoring each new window (Ctrl-C stops)", flush=True)
@@ -161,7 +160,7 @@ def _anomalies(args: argparse.Namespace) -> int:
     where = f"window >= {int(args.since)}"
     if args.service:
         where += f" AND service = {sql_string(args.service)}"
-    columns, rows = StoreClient(_sink_url(args.data_dir)).query(
+    columns, rows = StoreClient.of_mesh(DataDir(args.data_dir)).query(
         "SELECT service, anomaly_id, state, window, score, threshold, peak_score, windows, explanation, "
         f"model_version FROM anomalies WHERE {where} ORDER BY window DESC, state LIMIT 1000")
     if args.json:

@@ -41,7 +41,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from core.datadir import DataDir, write_atomic
-from core.endpoints import SINK_HTTP, Endpoints
+from core.storeclient import StoreClient
 from greymesh.demo.service import knobs_path
 from greymesh.runtime import local as runtime
 from core.contracts import ROLLUP_FIELDS, WINDOW_SECONDS
@@ -243,7 +243,7 @@ def export(dd: DataDir, phases_path: Path, out: Path, progress: Callable[[str], 
     """Write the recorded windows with their labels (see the module docstring) to ``out``."""
     phases = load_phases(phases_path)
     train_end = next(p.end for p in phases if p.name == "train")
-    source = SinkWindows(Endpoints.require(dd, SINK_HTTP, "taps").url(SINK_HTTP))
+    source = SinkWindows(StoreClient.of_mesh(dd))
     first = int(phases[0].start) // WINDOW_SECONDS * WINDOW_SECONDS
     last = int(phases[-1].end) // WINDOW_SECONDS * WINDOW_SECONDS  # the window still open at the end is left out
     rows = 0

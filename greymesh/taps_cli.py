@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from core import contracts, jsonhttp
+from core import contracts, credentials, jsonhttp
 from core.datadir import DataDir
 from core.endpoints import SINK_HTTP, TAPS_HTTP, Endpoints
 from core.errors import GreymeshError, NotRunning
@@ -52,16 +52,16 @@ def _endpoints(args: argparse.Namespace) -> Endpoints:
     return Endpoints.require(DataDir(args.data_dir), SINK_HTTP, "taps")
 
 
-def _stats_of(endpoints: Endpoints, key: str) -> dict:
+def _stats_of(args: argparse.Namespace, endpoints: Endpoints, key: str) -> dict:
     url = endpoints.url(key) + "/stats"
     try:
-        return jsonhttp.get(url, timeout_s=60)
+        return jsonhttp.get(url, timeout_s=60, token=credentials.read(DataDir(args.data_dir).api_token))
     except jsonhttp.Unreachable:
         raise NotRunning(f"{url} is not reachable; is the mesh up? (`greymesh status`)") from None
 
 
 def _query(args: argparse.Namespace) -> int:
-    columns, rows = StoreClient(_endpoints(args).url(SINK_HTTP), timeout_s=60).query(args.sql)
+    columns, rows = StoreClient.of_mesh(DataDir(args.data_dir), timeout_s=60).query(args.sql)
     if args.json:
         for row in rows:
             print(json.dumps(dict(zip(columns, row))))
@@ -80,7 +80,7 @@ def _stats(args: argparse.Namespace) -> int:
     endpoints = _endpoints(args)
 
     def sample() -> tuple[dict, dict]:
-        return _stats_of(endpoints, TAPS_HTTP), _stats_of(endpoints, SINK_HTTP)
+        return _stats_of(args, endpoints, TAPS_HTTP), _stats_of(args, endpoints, SINK_HTTP)
 
     first = sample()
     t0 = time.monotonic()

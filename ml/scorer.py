@@ -51,7 +51,7 @@ from ml.features import FEATURES, ServiceSeries, series_by_service
 from ml.model import MeshModel, TrainingError, train_from
 from ml.registry import ModelError, Registry
 from core.contracts import ANOMALY_TOPIC, VERSION, WINDOW_SECONDS, AnomalyEvent
-from core.storeclient import StoreError
+from core.storeclient import StoreClient, StoreError
 from ml.windows import LATENESS_S, SinkWindows, WindowSource, closed_until
 
 log = logging.getLogger("greymesh.ml.scorer")
@@ -303,6 +303,8 @@ def _shard(text: str) -> tuple[int, int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ml.scorer", description="Score new windows into anomaly events.")
     p.add_argument("--sink-url", required=True, help="the sink's API, http://127.0.0.1:PORT")
+    p.add_argument("--sink-token-file", type=Path, required=True,
+                   help="the secret file (0600) with the scorer's token for the sink's /query")
     p.add_argument("--kafka", required=True, help="bootstrap servers for greymesh.anomalies")
     p.add_argument("--registry", type=Path, required=True)
     p.add_argument("--stats", type=Path, help="write the scorer's state here (JSON) every round")
@@ -314,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
-    scorer = Scorer(SinkWindows(args.sink_url), Registry(args.registry), kafka_emitter(args.kafka),
+    scorer = Scorer(SinkWindows(StoreClient(args.sink_url, args.sink_token_file)), Registry(args.registry),
+                    kafka_emitter(args.kafka),
                     lateness_s=args.lateness, shard=args.shard,
                     auto_train_s=None if args.auto_train_minutes is None else args.auto_train_minutes * 60)
     stop = threading.Event()

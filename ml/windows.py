@@ -35,10 +35,10 @@ class WindowSource(Protocol):
 
 
 class SinkWindows:
-    """``service_windows`` through the store client at ``base_url`` (the sink, http://host:port)."""
+    """``service_windows`` through ``store`` (a client of the sink's API, with its reader's token)."""
 
-    def __init__(self, base_url: str, timeout_s: float = 30.0):
-        self.store = StoreClient(base_url, timeout_s)
+    def __init__(self, store: StoreClient):
+        self.store = store
 
     def fetch(self, since: int, until: int, services: list[str] | None = None) -> list[Window]:
         """Windows that start in [since, until), every service unless ``services`` is given.

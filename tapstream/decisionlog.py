@@ -12,6 +12,12 @@ sends it again, including records already written.  Consumers therefore deduplic
 on ``decision_id``.  A malformed body is answered 400, counted and dropped, and the
 receiver keeps serving.
 
+Only OPA may post here: the receiver accepts ``/logs`` from the holder of OPA's
+decision-log token alone (OPA sends it as a bearer token, ``credentials.bearer`` of
+its service), and ``/stats`` from the CLI's; core/jsonhttp.py refuses everything else,
+cross-site requests and unbounded bodies before a byte of the body is read.  A forged
+batch therefore never reaches the sink.
+
 The runtime points OPA here (greymesh/runtime/opa.py).
 """
 
@@ -29,7 +35,7 @@ from typing import Any
 
 from core import contracts
 from core.contracts import DECISION_PATH
-from core.jsonhttp import JsonHandler, serve
+from core.jsonhttp import CLI, Access, ApiHandler, Credential, serve
 
 log = logging.getLogger("greymesh.decisionlog")
 
@@ -38,6 +44,7 @@ SCHEMA_VERSION = 1
 LOGS_PATH = "/logs"  # where OPA posts when decision_logs.resource is not set
 MAX_BODY_BYTES = 8 << 20  # OPA's uploads are capped at 32 KiB by default
 MAX_JSON_BYTES = 64 << 20  # decompressed: a small gzip body must not inflate without bound
+OPA = "opa"  # the principal of OPA's decision-log token
 
 
 @dataclass(frozen=True)
@@ -130,7 +137,8 @@ class ReceiverStats:
     records: int = 0  # records of accepted batches, handed to the sink
     ignored: int = 0  # entries for queries other than the authorization decision
     bad_entries: int = 0  # entries skipped inside an accepted batch
-    malformed: int = 0  # bodies refused with 400/413 (not gzip, not JSON, not an array, too large)
+    malformed: int = 0  # bodies refused with 400 (not gzip, not JSON, not an array); a body without
+    # credential, too large or unframed is refused before it is read (core/jsonhttp.py) and not counted here
     sink_failures: int = 0  # batches answered 500 because the sink raised
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -150,15 +158,24 @@ class _Malformed(Exception):
         self.status = status
 
 
-class DecisionLogReceiver:
-    """OPA's decision-log service on host:port (port 0: any free one); use as a context manager."""
+def receiver_access(opa: Credential, cli: Credential) -> Access:
+    """Who may call the receiver: OPA posts ``/logs`` (gzip'ed JSON, as OPA sends it), the CLI
+    reads ``/stats``; neither may do the other's part."""
+    return Access((opa, cli), MAX_BODY_BYTES, only={LOGS_PATH: frozenset({opa.principal}),
+                                                    "/stats": frozenset({cli.principal})},
+                  encodings=frozenset({"identity", "gzip"}))
 
-    def __init__(self, sink: Sink, host: str = "127.0.0.1", port: int = 0,
+
+class DecisionLogReceiver:
+    """OPA's decision-log service on host:port (port 0: any free one), for the holders
+    ``access`` names (see :func:`receiver_access`); use as a context manager."""
+
+    def __init__(self, sink: Sink, access: Access, host: str = "127.0.0.1", port: int = 0,
                  extra_stats: Callable[[], dict[str, Any]] | None = None):
         self.sink = sink
         self.extra_stats = extra_stats  # merged into GET /stats (the tap service's counters)
         self.stats = ReceiverStats()
-        self._server: ThreadingHTTPServer = serve(self._handler(), host, port)
+        self._server: ThreadingHTTPServer = serve(self._handler(), host, port, access)
         self._thread = threading.Thread(target=self._server.serve_forever, name="decisionlog", daemon=True)
 
     @property
@@ -210,10 +227,10 @@ class DecisionLogReceiver:
         counts["records"] = len(records)
         return counts
 
-    def _handler(self) -> type[JsonHandler]:
+    def _handler(self) -> type[ApiHandler]:
         receiver = self
 
-        class Handler(JsonHandler):
+        class Handler(ApiHandler):
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path == "/stats":
                     extra = receiver.extra_stats() if receiver.extra_stats else {}
@@ -222,11 +239,12 @@ class DecisionLogReceiver:
                     self.send_json(404, {"error": f"no {self.path} here; OPA posts to {LOGS_PATH}"})
 
             def do_POST(self) -> None:  # noqa: N802
+                body = self.read_body()  # framing and size were checked before this method runs
                 if self.path != LOGS_PATH:
                     self.send_json(404, {"error": f"no {self.path} here; OPA posts to {LOGS_PATH}"})
                     return
                 try:
-                    counts = receiver.receive(self._body(), self.headers.get("Content-Encoding", "").strip().lower())
+                    counts = receiver.receive(body, self.headers.get("Content-Encoding", "").strip().lower())
                 except _Malformed as exc:
                     receiver.stats.add(malformed=1)
                     log.warning("decision log batch refused (%d): %s", exc.status, exc)
@@ -238,17 +256,6 @@ class DecisionLogReceiver:
                 else:
                     receiver.stats.add(batches=1, **counts)
                     self.send_json(200, counts)
-
-            def _body(self) -> bytes:
-                try:
-                    length = int(self.headers.get("Content-Length", ""))
-                except ValueError:
-                    self.close_connection = True  # no framing: the rest of the stream is unusable
-                    raise _Malformed(411, "Content-Length required") from None
-                if not 0 <= length <= MAX_BODY_BYTES:
-                    self.close_connection = True  # the body is left unread
-                    raise _Malformed(413, f"body of {length} bytes; at most {MAX_BODY_BYTES}")
-                return self.rfile.read(length)
 
         return Handler
 

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from core.contracts import ALERTS_TOPIC, AUDIT_TOPIC, TapDropAlert
+from core.credentials import CredentialError
+from core.jsonhttp import CLI, Access, Credential
 from tapstream.collector import Collector, serve
-from tapstream.decisionlog import AuditRecord, DecisionLogReceiver
+from tapstream.decisionlog import OPA, AuditRecord, DecisionLogReceiver, receiver_access
 from tapstream.producer import TapProducer
 
 log = logging.getLogger("greymesh.tapstream")
@@ -67,7 +69,7 @@ class DropAlerts:
             producer.send(ALERTS_TOPIC, self.host, json.dumps(alert.to_event()).encode())
 
 
-def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, bootstrap: str,
+def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, access: Access, bootstrap: str,
         max_spool_bytes: int, stop: threading.Event) -> None:
     """Serve until ``stop`` is set, then flush what can be flushed."""
     alerts = DropAlerts(host)
@@ -86,7 +88,7 @@ def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, bootstrap:
     def stats() -> dict[str, Any]:
         return {"collector": collector.stats.snapshot(), "producer": asdict(producer.stats())}
 
-    receiver = DecisionLogReceiver(publish_decisions, host, http_port, extra_stats=stats).start()
+    receiver = DecisionLogReceiver(publish_decisions, access, host, http_port, extra_stats=stats).start()
     server, port = serve(collector, host, grpc_port)
     log.info("tap collector: ALS on %s:%d, decision logs and /stats on %s; Kafka at %s",
              host, port, receiver.url, bootstrap)
@@ -108,13 +110,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, required=True, help="OPA's decision logs and /stats")
     p.add_argument("--kafka", required=True, help="bootstrap servers, host:port[,host:port...]")
     p.add_argument("--max-spool-mb", type=int, default=256, help="disk spool bound while Kafka is away")
+    p.add_argument("--opa-token-file", type=Path, required=True, help="OPA's decision-log token (0600): POST /logs")
+    p.add_argument("--api-token-file", type=Path, required=True, help="the CLI's token (0600): GET /stats")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        run(data_dir=args.data_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port,
+        access = receiver_access(Credential.load(OPA, args.opa_token_file), Credential.load(CLI, args.api_token_file))
+    except CredentialError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        run(data_dir=args.data_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, access=access,
             bootstrap=args.kafka, max_spool_bytes=args.max_spool_mb << 20, stop=stop)
     except KeyboardInterrupt:
         pass

@@ -333,8 +333,10 @@ def _keep_store_password(dd: DataDir, store: str | None, password: str | None) -
 
 
 def _prepare_infrastructure(dd: DataDir, endpoints: Endpoints, progress: Progress) -> None:
-    """What must exist before the infrastructure's workloads start: Kafka's formatted log
-    (a local broker) or the topics (an external one), and OPA's config."""
+    """What must exist before the infrastructure's workloads start: the APIs' tokens, Kafka's
+    formatted log (a local broker) or the topics (an external one), and OPA's config."""
+    for token_file in workloads.api_token_files(dd):
+        credentials.issue(token_file)
     if endpoints.kafka is None:
         run_dir = dd.root / "kafka"
         config = broker.write_config(run_dir, port=endpoints.ports[KAFKA],
@@ -403,10 +405,12 @@ def _exists(pid: int) -> bool:
 # --- spec, placement, CA ---------------------------------------------------------------
 
 
-def _admin(dd: DataDir, path: str, body: bytes, headers: dict[str, str], timeout_s: float = 30) -> dict:
+def _admin(dd: DataDir, path: str, body: dict, timeout_s: float = 30) -> dict:
+    """POST ``body`` to the control plane's admin API as the CLI (the data dir's api token)."""
     endpoints = Endpoints.require(dd, CP_ADMIN, "a control plane")
     try:
-        return jsonhttp.call(endpoints.url(CP_ADMIN) + path, body, headers=headers, timeout_s=timeout_s, method="POST")
+        return jsonhttp.call(endpoints.url(CP_ADMIN) + path, body, token=credentials.read(dd.api_token),
+                             timeout_s=timeout_s, method="POST")
     except jsonhttp.ApiError as exc:
         raise GreymeshError("control plane refused:\n" + "\n".join(exc.errors)) from None
     except jsonhttp.Unreachable as exc:
@@ -418,13 +422,12 @@ def apply_spec(dd: DataDir, spec_path: Path) -> dict:
     SpecError/GreymeshError if refused (the running config stays)."""
     spec_path = spec_path.resolve()
     load_spec(spec_path)  # refuse locally first, with the file's own name in the message
-    return _admin(dd, "/apply", spec_path.read_bytes(),
-                  {"Content-Type": "application/yaml", "X-Greymesh-Source": str(spec_path)})
+    return _admin(dd, "/apply", {"spec": spec_path.read_text(encoding="utf-8"), "file": str(spec_path)})
 
 
 def rotate_root(dd: DataDir) -> dict:
     """Have the control plane replace the mesh's root CA (see docs/identity.md)."""
-    return _admin(dd, "/ca/rotate", b"", {}, timeout_s=330)
+    return _admin(dd, "/ca/rotate", {}, timeout_s=330)
 
 
 # --- scale ------------------------------------------------------------------------------
@@ -480,11 +483,12 @@ def scale(dd: DataDir, target_text: str, count: int, progress: Progress = print)
 def _publish_placement(dd: DataDir, placement: Placement) -> None:
     """Write the placement and have the control plane take it; wait until every sidecar ACKed."""
     write_atomic(dd.placement, placement.to_json())
-    _admin(dd, "/placement", b"", {})
+    _admin(dd, "/placement", {})
     endpoints = Endpoints.load(dd)
+    token = credentials.read(dd.api_token)
 
     def in_sync() -> bool:  # every sidecar that runs (new ones are not up yet) has ACKed
-        nodes = jsonhttp.get(endpoints.url(CP_ADMIN) + "/status").get("nodes", {})
+        nodes = jsonhttp.get(endpoints.url(CP_ADMIN) + "/status", token=token).get("nodes", {})
         ready = _ready_workloads(dd)
         return all(nodes.get(name, {}).get("in_sync") for name in placement.sidecars if f"envoy:{name}" in ready)
 
@@ -537,18 +541,20 @@ def status(dd: DataDir) -> dict:
         "instances": _instances(dd),
     }
     up_ = {name for name, p in processes.items() if p["running"]}
+    token, unreadable = None, {}
+    try:
+        token = credentials.read(dd.api_token)
+    except credentials.CredentialError as exc:  # figures from the APIs need it; what runs does not
+        unreadable = {"error": str(exc)}
     if "controlplane" in up_:
-        try:
-            doc["controlplane"] = jsonhttp.get(endpoints.url(CP_ADMIN) + "/status")
-        except (jsonhttp.ApiError, jsonhttp.Unreachable) as exc:
-            doc["controlplane"] = {"error": f"not reachable: {exc}"}
+        doc["controlplane"] = _api_get(endpoints.url(CP_ADMIN) + "/status", token) if token else unreadable
     if "loadgen" in up_:
         with contextlib.suppress(OSError, ValueError):
             doc["loadgen"] = json.loads(dd.loadgen_tally.read_text())
     if {"taps", "sink"} <= up_:
         doc["taps"] = {"kafka": endpoints.kafka_bootstrap(), "store": redacted(endpoints.store) if endpoints.store else "chdb (embedded)",
-                       "collector": _stats(endpoints.url(TAPS_HTTP) + "/stats"),
-                       "sink": _stats(endpoints.url(SINK_HTTP) + "/stats")}
+                       "collector": _api_get(endpoints.url(TAPS_HTTP) + "/stats", token) if token else unreadable,
+                       "sink": _api_get(endpoints.url(SINK_HTTP) + "/stats", token) if token else unreadable}
     if "scorer" in up_:
         with contextlib.suppress(OSError, ValueError):
             doc["ml"] = json.loads(dd.scorer_stats.read_text())
@@ -571,10 +577,13 @@ def _instances(dd: DataDir) -> dict[str, list[dict]]:
     return out
 
 
-def _stats(url: str) -> dict:
+def _api_get(url: str, token: str) -> dict:
+    """A figure for status: the API's answer, or {"error": ...} saying why there is none."""
     try:
-        return jsonhttp.get(url)
-    except (jsonhttp.ApiError, jsonhttp.Unreachable) as exc:
+        return jsonhttp.get(url, token=token)
+    except jsonhttp.ApiError as exc:
+        return {"error": f"refused: {exc}"}
+    except jsonhttp.Unreachable as exc:
         return {"error": f"not reachable: {exc}"}
 
 

@@ -18,6 +18,7 @@ import json
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from controlplane.bootstrap import sidecar_bootstrap
@@ -28,6 +29,7 @@ from core.endpoints import (
     AUTHZ, CP_ADMIN, CP_XDS, HOST, KAFKA, OPA_HTTP, SINK_HTTP, TAP_SERVICES, Endpoints,
 )
 from core.installs import opa_binary
+from core.jsonhttp import HEALTH_PATH
 from greymesh.runtime import kafka as broker
 from greymesh.runtime.opa import opa_argv
 
@@ -130,6 +132,18 @@ def start_order(workloads: Iterable[Workload]) -> list[Workload]:
     return order
 
 
+# The tokens of greymesh's HTTP APIs (core/jsonhttp.py), besides the CLI's (DataDir.api_token):
+# the scorer's, for the sink's /query, and OPA's, for the tap services' /logs.  The runtime
+# issues them at `up` (api_token_files); each holder is given its file's path.
+SCORER_TOKEN = "scorer.token"
+DECISIONLOG_TOKEN = "decisionlog.token"
+
+
+def api_token_files(dd: DataDir) -> tuple[Path, ...]:
+    """Every API token file of the mesh in ``dd``, for `up` to issue."""
+    return dd.api_token, dd.secret(SCORER_TOKEN), dd.secret(DECISIONLOG_TOKEN)
+
+
 def _python(module: str, *args: str) -> tuple[str, ...]:
     return (sys.executable, "-m", module, *args)
 
@@ -155,19 +169,22 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
         state = dd.root if name == "taps" else dd.root / name
         rows.append(Workload(
             name, _python("tapstream.service", "--data-dir", str(state), "--grpc-port", str(p[als]),
-                          "--http-port", str(p[http]), "--kafka", kafka),
-            "infrastructure", ready=Probe("http", endpoints.url(http) + "/stats"), after=pipe_after,
+                          "--http-port", str(p[http]), "--kafka", kafka,
+                          "--opa-token-file", str(dd.secret(DECISIONLOG_TOKEN)), "--api-token-file", str(dd.api_token)),
+            "infrastructure", ready=Probe("http", endpoints.url(http) + HEALTH_PATH), after=pipe_after,
             ports=(als, http)))
     rows.append(Workload(
         "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, "--http-port", str(p[SINK_HTTP]),
+                        "--api-token-file", str(dd.api_token), "--scorer-token-file", str(dd.secret(SCORER_TOKEN)),
                         *(["--store", endpoints.store] if endpoints.store else []),
                         # The path of the server's password, never the password (core/credentials.py).
                         *(["--store-password-file", str(dd.secret(STORE_PASSWORD))]
                           if endpoints.store and dd.secret(STORE_PASSWORD).exists() else [])),
-        "infrastructure", ready=Probe("http", endpoints.url(SINK_HTTP) + "/stats"), after=pipe_after,
+        "infrastructure", ready=Probe("http", endpoints.url(SINK_HTTP) + HEALTH_PATH), after=pipe_after,
         ports=(SINK_HTTP,), stop_grace_s=30.0))
     rows.append(Workload(
-        "scorer", _python("ml.scorer", "--sink-url", endpoints.url(SINK_HTTP), "--kafka", kafka,
+        "scorer", _python("ml.scorer", "--sink-url", endpoints.url(SINK_HTTP),
+                          "--sink-token-file", str(dd.secret(SCORER_TOKEN)), "--kafka", kafka,
                           "--registry", str(dd.models), "--stats", str(dd.scorer_stats),
                           *(["--auto-train-minutes", str(options.auto_train_minutes)]
                             if options.auto_train_minutes is not None else [])),
@@ -184,8 +201,8 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
     rows.append(Workload(
         "controlplane", _python("controlplane.daemon", "--data-dir", str(dd.root), "--xds-port", str(p[CP_XDS]),
                                 "--admin-port", str(p[CP_ADMIN]), "--opa-port", str(p[OPA_HTTP]),
-                                *(["--watch"] if options.watch else [])),
-        "mesh", ready=Probe("http", endpoints.url(CP_ADMIN) + "/healthz"), after=("opa",), ports=(CP_XDS, CP_ADMIN)))
+                                "--api-token-file", str(dd.api_token), *(["--watch"] if options.watch else [])),
+        "mesh", ready=Probe("http", endpoints.url(CP_ADMIN) + HEALTH_PATH), after=("opa",), ports=(CP_XDS, CP_ADMIN)))
     calls = {s.name: s.calls for s in spec.services}
     for name, placed in sorted(placement.sidecars.items()):
         owner = f"instance:{placed.service}/{placed.subset}/{name}"

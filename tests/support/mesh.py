@@ -20,6 +20,9 @@ from pathlib import Path
 
 import yaml
 
+from core import credentials
+from core.datadir import DataDir
+
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SPEC = ROOT / "deploy" / "demo" / "mesh.yaml"
 
@@ -172,26 +175,31 @@ class Mesh:
     def ports(self) -> dict[str, int]:
         return json.loads((self.data_dir / "runtime.json").read_text())["ports"]
 
+    def api_token(self) -> str:
+        """The token `up` created for the CLI: what every greymesh API asks of its caller."""
+        return credentials.read(DataDir(self.data_dir).api_token)
+
     def stats(self) -> dict:
         """The tap service's counters (collector, producer, decisions)."""
-        return _get_json(f"http://127.0.0.1:{self.ports()['taps.http']}/stats")
+        return self._api(f"http://127.0.0.1:{self.ports()['taps.http']}/stats")
 
     def sink_stats(self) -> dict:
-        return _get_json(f"http://127.0.0.1:{self.ports()['sink.http']}/stats")
+        return self._api(f"http://127.0.0.1:{self.ports()['sink.http']}/stats")
 
     def query(self, sql: str) -> list[dict]:
         """Rows of a read-only query against the tap store, through the sink's API
         (what `greymesh taps query` uses)."""
-        req = urllib.request.Request(f"http://127.0.0.1:{self.ports()['sink.http']}/query",
-                                     data=json.dumps({"sql": sql}).encode())
-        with urllib.request.urlopen(req, timeout=30) as resp:
-            doc = json.loads(resp.read())
+        doc = self._api(f"http://127.0.0.1:{self.ports()['sink.http']}/query", {"sql": sql}, timeout=30)
         return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
 
-
-def _get_json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        return json.loads(resp.read())
+    def _api(self, url: str, body: dict | None = None, timeout: float = 10) -> dict:
+        """A greymesh API's JSON answer, asked as the CLI asks (its token; a body as JSON)."""
+        headers = {"Authorization": f"Bearer {self.api_token()}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        req = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode(), headers=headers)
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
 
 
 def envoy_stat(admin_port: int, name: str) -> int:
