@@ -20,6 +20,7 @@ thread-safe: the control plane calls it from its event loop only.
 from __future__ import annotations
 
 import functools
+import ipaddress
 import os
 import re
 import stat
@@ -109,6 +110,7 @@ class Svid:
     not_before: datetime  # as in the certificate: CLOCK_SKEW before issued_at
     not_after: datetime
     issued_at: datetime
+    hosts: tuple[str, ...] = ()  # DNS names / IP addresses it also names (the entrypoint's: its ingress)
 
     @functools.cached_property
     def certificate(self) -> x509.Certificate:
@@ -202,8 +204,13 @@ class CertificateAuthority:
         """Every currently trusted root, as the PEM peers verify SVIDs against."""
         return b"".join(_pem(r) for r in self._roots)
 
-    def issue(self, spiffe_id: str, lifetime: timedelta, now: datetime | None = None) -> Svid:
-        """A fresh key and certificate for ``spiffe_id``, valid for ``lifetime`` from ``now``."""
+    def issue(self, spiffe_id: str, lifetime: timedelta, now: datetime | None = None,
+              hosts: tuple[str, ...] = ()) -> Svid:
+        """A fresh key and certificate for ``spiffe_id``, valid for ``lifetime`` from ``now``.
+
+        ``hosts`` (DNS names, IP addresses) are added to its SANs for clients outside the
+        mesh: the entrypoint's sidecar serves its ingress with this certificate.  The root's
+        name constraint covers URIs only, so it may vouch for them."""
         trust_domain, _, _ = parse_spiffe_id(spiffe_id)
         if trust_domain != self.trust_domain:
             raise ValueError(f"{spiffe_id} is outside this CA's trust domain {self.trust_domain!r}")
@@ -219,7 +226,8 @@ class CertificateAuthority:
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(min(now + lifetime, self.root.not_valid_after_utc))
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]), critical=True)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id),
+                                                        *map(_host_name, hosts)]), critical=True)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(digital_signature=True), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]),
@@ -229,7 +237,8 @@ class CertificateAuthority:
         )
         cert_pem = _pem(cert)
         return Svid(spiffe_id=spiffe_id, cert_pem=cert_pem, key_pem=_key_pem(key), chain_pem=cert_pem,
-                    not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now)
+                    not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc, issued_at=now,
+                    hosts=tuple(hosts))
 
     def rotate_root(self, now: datetime | None = None) -> x509.Certificate:
         """Start signing with a new root, still trusting the old ones (docs/identity.md: the procedure).
@@ -295,6 +304,13 @@ def _root_certificate(key: ec.EllipticCurvePrivateKey, trust_domain: str, now: d
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
 
 
 def _key_usage(*, digital_signature: bool = False, key_cert_sign: bool = False,

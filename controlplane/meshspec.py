@@ -15,6 +15,8 @@ key path, line and a hint, so a rejected file leaves the running config in place
 from __future__ import annotations
 
 import difflib
+import ipaddress
+import json
 import re
 import warnings
 from collections.abc import Callable, Iterable
@@ -24,7 +26,11 @@ from pathlib import Path
 from typing import TypeVar
 
 import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from core import credentials
 
 SPEC_VERSION = 1
 
@@ -131,6 +137,36 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class IngressTls:
+    """The ingress's own certificate, given by the user instead of one from the mesh CA."""
+
+    cert_file: str  # PEM: the leaf first, then any intermediates
+    key_file: str  # PEM private key, mode 0600
+    chain_pem: bytes = field(repr=False)
+    key_pem: bytes = field(repr=False)  # never in a repr, so never in a log line
+
+
+@dataclass(frozen=True)
+class IngressJwt:
+    """End-user identity at the ingress: JWTs verified by Envoy against a local JWKS."""
+
+    issuer: str
+    audiences: tuple[str, ...]  # a token must name one of these in `aud`
+    jwks_file: str
+    jwks: str = field(repr=False)  # the JWKS document (public keys), as read from jwks_file
+    required: bool = True  # False: a request without a token passes on; a bad token never does
+
+
+@dataclass(frozen=True)
+class Ingress:
+    """The mesh's front door: TLS always; a JWT check when ``jwt`` is set."""
+
+    hosts: tuple[str, ...] = ("localhost", "127.0.0.1")  # names clients reach it by (the certificate's SANs)
+    tls: IngressTls | None = None  # None: a certificate from the mesh CA for ``hosts``
+    jwt: IngressJwt | None = None
+
+
+@dataclass(frozen=True)
 class Service:
     name: str
     instances: tuple[Instance, ...]
@@ -155,6 +191,7 @@ class MeshSpec:
     services: tuple[Service, ...]
     entrypoint: str  # the service whose ingress is the mesh's front door
     identity: Identity = field(default_factory=Identity)
+    ingress: Ingress = field(default_factory=Ingress)
 
     def service(self, name: str) -> Service:
         for s in self.services:
@@ -536,19 +573,20 @@ def _positive(f: _Field) -> int | None:
 
 
 def _mesh(root: _Field) -> MeshSpec | None:
-    top = root.mapping(("version", "mesh", "entrypoint", "identity", "services"))
+    top = root.mapping(("version", "mesh", "entrypoint", "identity", "ingress", "services"))
     if top is None:
         return None
     top.need("version", _version)
     name = top.need("mesh", _label)
     identity = top.read("identity", _identity, Identity())
+    ingress = top.read("ingress", _ingress, Ingress())
     table = top.need("services", _Field.mapping)
     declared = tuple(table.entries) if table and table.entries else None
     entrypoint = top.need("entrypoint", lambda e: _reference(e, declared))
     services = None if table is None else _services(table)
     if name is None or entrypoint is None or services is None:
         return None
-    return MeshSpec(name=name, services=services, entrypoint=entrypoint, identity=identity)
+    return MeshSpec(name=name, services=services, entrypoint=entrypoint, identity=identity, ingress=ingress)
 
 
 def _identity(f: _Field) -> Identity | None:
@@ -811,3 +849,118 @@ def _fault_abort(f: _Field) -> FaultAbort | None:
         return None
     percent, status = m.need("percent", _percent), m.need("http_status", lambda s: s.integer(200, 599))
     return None if percent is None or status is None else FaultAbort(percent=percent, http_status=status)
+
+
+# --- the ingress ------------------------------------------------------------------
+
+_HOST_NAME = re.compile(r"(?=.{1,253}$)(\*\.)?[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?(\.[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?)*")
+
+
+def _ingress(f: _Field) -> Ingress | None:
+    m = f.mapping(("hosts", "tls", "jwt"))
+    if m is None:
+        return None
+    hosts = m.read("hosts", lambda h: _distinct(h, _host, "host", at_least_one="host name"), Ingress.hosts)
+    return Ingress(hosts=hosts, tls=m.read("tls", _ingress_tls, None), jwt=m.read("jwt", _ingress_jwt, None))
+
+
+def _host(f: _Field) -> str | None:
+    """A DNS name (a leading '*.' allowed) or an IP address: what clients put in the URL."""
+    value = f.string()
+    if value is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        pass
+    rule = "a lowercase DNS name like 'shop.example.com' (or '*.example.com'), or an IP address"
+    return _matching(f, _HOST_NAME, "host name", rule)
+
+
+def _absolute_file(f: _Field) -> Path | None:
+    """A path to an existing file.  Absolute, because the control plane re-reads the spec
+    from its own copy in the data dir, where a relative path would name another file."""
+    value = f.string()
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_absolute():
+        f.fail(f"'{_shorten(value)}' is relative: give an absolute path (the spec is also read from the data dir)")
+        return None
+    if not path.is_file():
+        f.fail(f"no such file: {value}")
+        return None
+    return path
+
+
+def _ingress_tls(f: _Field) -> IngressTls | None:
+    m = f.mapping(("cert", "key"))
+    if m is None:
+        return None
+    cert_field, key_field = m.get("cert"), m.get("key")
+    cert_path, key_path = m.need("cert", _absolute_file), m.need("key", _absolute_file)
+    if cert_path is None or key_path is None or cert_field is None or key_field is None:
+        return None
+    try:
+        chain_pem = cert_path.read_bytes()
+        chain = x509.load_pem_x509_certificates(chain_pem)
+    except (OSError, ValueError) as exc:
+        cert_field.fail(f"{cert_path} is not a PEM certificate chain ({exc}); give the leaf first, then intermediates")
+        return None
+    try:
+        key_pem = (credentials.read(key_path) + "\n").encode()  # refuses a key others may read
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except credentials.CredentialError as exc:
+        key_field.fail(str(exc))
+        return None
+    except (ValueError, TypeError) as exc:
+        key_field.fail(f"{key_path} is not an unencrypted PEM private key ({exc})")
+        return None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(*spki) != chain[0].public_key().public_bytes(*spki):
+        key_field.fail(f"{key_path} is not the key of the first certificate in {cert_path}")
+        return None
+    return IngressTls(cert_file=str(cert_path), key_file=str(key_path), chain_pem=chain_pem, key_pem=key_pem)
+
+
+def _ingress_jwt(f: _Field) -> IngressJwt | None:
+    m = f.mapping(("issuer", "audiences", "jwks", "required"))
+    if m is None:
+        return None
+    issuer = m.need("issuer", _non_empty)
+    audiences = m.need("audiences", lambda a: _distinct(a, _non_empty, "audience", at_least_one="audience"))
+    jwks = m.need("jwks", _jwks)
+    required = m.read("required", _Field.boolean, IngressJwt.required)
+    if issuer is None or audiences is None or jwks is None:
+        return None
+    return IngressJwt(issuer=issuer, audiences=audiences, jwks_file=str(jwks[0]), jwks=jwks[1], required=required)
+
+
+def _non_empty(f: _Field) -> str | None:
+    value = f.string()
+    if value == "":
+        f.fail("must not be empty")
+        return None
+    return value
+
+
+def _jwks(f: _Field) -> tuple[Path, str] | None:
+    """(path, text) of a JSON Web Key Set file: {"keys": [{"kty": ...}, ...]} (public keys only)."""
+    path = _absolute_file(f)
+    if path is None:
+        return None
+    try:
+        text = path.read_text(encoding="utf-8")
+        doc = json.loads(text)
+    except (OSError, ValueError) as exc:
+        f.fail(f"{path} is not a JSON file: {exc}")
+        return None
+    keys = doc.get("keys") if isinstance(doc, dict) else None
+    if not isinstance(keys, list) or not keys or not all(isinstance(k, dict) and "kty" in k for k in keys):
+        f.fail(f'{path} is not a JWKS: expected {{"keys": [{{"kty": ..., ...}}]}} with at least one key')
+        return None
+    private = [str(k.get("kid", i)) for i, k in enumerate(keys) if "d" in k]
+    if private:
+        f.fail(f"{path} holds private key material (key {', '.join(private)} has 'd'): publish only the public keys")
+        return None
+    return path, text

@@ -46,11 +46,12 @@ from envoy_data_plane.google.protobuf import Any
 from controlplane.identity import Svid, check_trust_domain, parse_spiffe_id, trust_domain_of
 from controlplane.xds.snapshot import SECRET, Resource
 
-__all__ = ["BUNDLE_SECRET", "SECRET", "SVID_SECRET", "bundle_secret", "downstream_tls", "svid_secret",
-           "upstream_tls"]
+__all__ = ["BUNDLE_SECRET", "INGRESS_SECRET", "SECRET", "SVID_SECRET", "bundle_secret", "downstream_tls",
+           "ingress_secret", "ingress_tls", "svid_secret", "upstream_tls"]
 
 SVID_SECRET = "svid"
 BUNDLE_SECRET = "trust_bundle"
+INGRESS_SECRET = "ingress_cert"  # the ingress's certificate when the user gives one (mesh.yaml ingress.tls)
 TLS_SOCKET = "envoy.transport_sockets.tls"
 
 _ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
@@ -132,3 +133,31 @@ def _common_tls(peer: StringMatcher) -> CommonTlsContext:
 
 def _secret(secret: Secret) -> Resource:
     return Resource(name=secret.name, type_url=SECRET, body=bytes(secret))
+
+
+# --- the ingress: TLS for clients outside the mesh ---------------------------------
+
+# Clients of the front door are browsers, curl and SDKs, not our Envoys: TLS 1.2 and 1.3.
+_TLS_1_2_UP = TlsParameters(
+    tls_minimum_protocol_version=TlsParametersTlsProtocol.TLSv1_2,
+    tls_maximum_protocol_version=TlsParametersTlsProtocol.TLSv1_3,
+)
+
+
+def ingress_secret(chain_pem: bytes, key_pem: bytes) -> Resource:
+    """A certificate the user gave for the ingress, as SDS secret ``ingress_cert``."""
+    certificate = TlsCertificate(certificate_chain=DataSource(inline_bytes=chain_pem),
+                                 private_key=DataSource(inline_bytes=key_pem))
+    return _secret(Secret(name=INGRESS_SECRET, tls_certificate=certificate))
+
+
+def ingress_tls(secret_name: str) -> TransportSocket:
+    """Transport socket of the ingress listener: server-side TLS with SDS secret ``secret_name``
+    (``svid``, whose certificate then also names the ingress's hosts, or ``ingress_cert``).
+    No client certificate: end users prove who they are with a JWT."""
+    context = DownstreamTlsContext(common_tls_context=CommonTlsContext(
+        tls_params=_TLS_1_2_UP,
+        tls_certificate_sds_secret_configs=[SdsSecretConfig(name=secret_name, sds_config=_ADS)],
+        alpn_protocols=["h2", "http/1.1"],
+    ))
+    return TransportSocket(name=TLS_SOCKET, typed_config=Any.pack(context))

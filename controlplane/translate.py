@@ -5,7 +5,10 @@ Every instance gets a sidecar whose node id is the instance name.  Its resources
 * listener ``inbound``: other sidecars call the workload here; routes to ``inbound|app``.
 * listener ``outbound``: the workload calls the services it declared in ``calls`` here,
   by Host header (``http://orders/...``); routed by RDS route config ``outbound``.
-* listener ``ingress`` (entrypoint service only): the mesh's front door.
+* listener ``ingress`` (entrypoint service only): the mesh's front door.  TLS (the
+  sidecar's SVID, which then also names the ingress's hosts, or the user's certificate),
+  an optional JWT check (jwt_authn with the spec's JWKS) and ext_authz, whose check carries
+  the context extension ``greymesh.hop: ingress`` and the verified JWT claims.
 * cluster ``inbound|app`` (static: the local workload) and one EDS cluster
   ``outbound|<service>|<subset>`` per subset of every called service, each filled by a
   ClusterLoadAssignment listing the inbound listeners of that subset's sidecars.
@@ -74,11 +77,19 @@ from envoy_data_plane.envoy.extensions.access_loggers.grpc.v3 import (
 )
 from envoy_data_plane.envoy.extensions.access_loggers.stream.v3 import StdoutAccessLog
 from envoy_data_plane.envoy.extensions.filters.common.fault.v3 import FaultDelay
-from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import ExtAuthz
+from envoy_data_plane.envoy.extensions.filters.http.ext_authz.v3 import CheckSettings, ExtAuthz, ExtAuthzPerRoute
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwtAuthentication,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    RequirementRule,
+)
 from envoy_data_plane.envoy.extensions.filters.http.fault.v3 import FaultAbort, HttpFault
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
+    HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpFilter,
     Rds,
 )
@@ -88,14 +99,23 @@ from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
 )
 from envoy_data_plane.envoy.type.matcher.v3 import RegexMatcher, StringMatcher
 from envoy_data_plane.envoy.type.v3 import FractionalPercent, FractionalPercentDenominatorType, Percent
-from envoy_data_plane.google.protobuf import Any
+from envoy_data_plane.google.protobuf import Any, Empty
 
 import betterproto2
 
 from controlplane import meshspec as ms
 from controlplane.identity import Svid, spiffe_id
 from controlplane.placement import Placement, SidecarPorts
-from controlplane.sds import bundle_secret, downstream_tls, svid_secret, upstream_tls
+from controlplane.sds import (
+    INGRESS_SECRET,
+    SVID_SECRET,
+    bundle_secret,
+    downstream_tls,
+    ingress_secret,
+    ingress_tls,
+    svid_secret,
+    upstream_tls,
+)
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
 
 APP_CLUSTER = "inbound|app"
@@ -105,6 +125,15 @@ TAPS_CLUSTER = "greymesh_taps"
 TRACE_HEADERS = ("traceparent", "x-b3-traceid")
 FAIL_OPEN_HEADER = "x-envoy-auth-failure-mode-allowed"
 EXT_AUTHZ_FILTER = "envoy.filters.http.ext_authz"
+JWT_FILTER = "envoy.filters.http.jwt_authn"
+JWT_PROVIDER = "ingress"
+# jwt_authn puts a verified token's claims in its dynamic metadata under this key; ext_authz
+# hands that namespace to the bridge, which puts it in OPA's input (policies/README.md).
+JWT_PAYLOAD_KEY = "jwt_payload"
+# ext_authz context extensions the ingress's checks carry (the bridge passes them to OPA as
+# input.attributes.context_extensions): which hop decides, and the service behind it.
+HOP_EXTENSION = "greymesh.hop"
+SERVICE_EXTENSION = "greymesh.service"
 HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 OUTBOUND_ROUTES = "outbound"
 FAULT_FILTER = "envoy.filters.http.fault"
@@ -140,6 +169,7 @@ def build_snapshots(
     """
     host = placement.host
     trust_domain = spec.identity.trust_domain if identities else None
+    ingress_secrets = [ingress_secret(spec.ingress.tls.chain_pem, spec.ingress.tls.key_pem)] if spec.ingress.tls else []
     bundle = [bundle_secret(identities.bundle_pem, trust_domain)] if identities else []
     snapshots: dict[str, Snapshot] = {}
     for svc in spec.services:
@@ -154,16 +184,19 @@ def build_snapshots(
             server_id = service_identity(spec, callee) if identities else None
             shared.extend(_callee_resources(callee, host, endpoints, server_id))
         for inst in svc.instances:
+            entrypoint = svc.name == spec.entrypoint
             local = _Local(
                 host=host,
                 ports=placement.ports(inst.name),
-                entrypoint=svc.name == spec.entrypoint,
+                ingress=_ingress(spec, identities is not None) if entrypoint else None,
                 authz_port=placement.authz,
                 taps_ports=tuple(placement.taps),
                 fail_open=svc.fail_open,
                 trust_domain=trust_domain,
             )
             own = [svid_secret(identities.svids[inst.name])] if identities else []
+            if entrypoint:
+                own.extend(ingress_secrets)
             snapshots[inst.name] = Snapshot([*_local_resources(local), *own, *shared])
     return snapshots
 
@@ -174,7 +207,7 @@ class _Local:
 
     host: str
     ports: SidecarPorts
-    entrypoint: bool  # gets the ingress listener
+    ingress: _Ingress | None  # the entrypoint's sidecar gets the ingress listener
     authz_port: int | None  # the authorization bridge; None: no ext_authz
     taps_ports: tuple[int, ...]  # the host's tap collectors; (): no access log taps
     fail_open: bool  # allow when the bridge cannot answer
@@ -200,16 +233,18 @@ def _local_resources(local: _Local) -> tuple[Resource, ...]:
     taps = bool(local.taps_ports)
 
     def listener(name: str, port: int, authz: _Authz | None, trust_domain: str | None) -> Resource:
-        return _resource(LISTENER, name, _listener(name, local.host, port, authz, trust_domain, taps))
+        return _resource(LISTENER, name, _listener(name, local.host, port, authz, trust_domain, taps, None))
 
     out = [
         _resource(CLUSTER, APP_CLUSTER, _static_cluster(APP_CLUSTER, local.host, local.ports.app)),
         listener("inbound", local.ports.inbound, authz, local.trust_domain),
         listener("outbound", local.ports.outbound, None, None),
     ]
-    if local.entrypoint:
-        # Traffic from outside has no mesh identity to verify; edge policy is separate.
-        out.append(listener("ingress", local.ports.ingress, None, None))
+    if local.ingress is not None:
+        # Traffic from outside has no mesh identity; its end user's is a JWT (jwt_authn), and
+        # the policy decides on it like on every other hop.
+        out.append(_resource(LISTENER, "ingress", _listener(
+            "ingress", local.host, local.ports.ingress, authz, None, taps, local.ingress)))
     if local.authz_port is not None:
         out.append(_resource(CLUSTER, AUTHZ_CLUSTER, _static_cluster(AUTHZ_CLUSTER, local.host, local.authz_port, http2=True)))
     if local.taps_ports:
@@ -250,12 +285,32 @@ class _Authz:
     fail_open: bool
 
 
+@dataclass(frozen=True)
+class _Ingress:
+    """What the ingress listener depends on (a memo key)."""
+
+    service: str  # the entrypoint, named to the policy as the hop's service
+    certificate: str | None  # the SDS secret it presents; None: plaintext (a mesh without a CA)
+    jwt: ms.IngressJwt | None
+
+
+def _ingress(spec: ms.MeshSpec, has_identities: bool) -> _Ingress:
+    """The user's certificate if the spec gives one, else the sidecar's SVID (issued with the
+    ingress's host names by the control plane); plaintext only in a mesh without a CA."""
+    certificate = INGRESS_SECRET if spec.ingress.tls else SVID_SECRET if has_identities else None
+    return _Ingress(service=spec.entrypoint, certificate=certificate, jwt=spec.ingress.jwt)
+
+
 def _listener(
-    name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None, taps: bool
+    name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None, taps: bool,
+    ingress: _Ingress | None,
 ) -> Listener:
-    chain = FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=_http_connection_manager(name, authz, taps))])
+    hcm = _http_connection_manager(name, authz, taps, ingress)
+    chain = FilterChain(filters=[Filter(name=HCM_FILTER, typed_config=hcm)])
     if trust_domain is not None:
         chain.transport_socket = downstream_tls(trust_domain)
+    elif ingress is not None and ingress.certificate is not None:
+        chain.transport_socket = ingress_tls(ingress.certificate)
     listener = Listener(name=name, address=_address(host, port), filter_chains=[chain])
     if taps:  # one l3/l4 tap per downstream connection, when it closes
         listener.access_log = [
@@ -266,15 +321,26 @@ def _listener(
 
 
 @functools.cache
-def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool) -> Any:
+def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool, ingress: _Ingress | None) -> Any:
     """HTTP handling of a listener: ``outbound`` routes over RDS, the others to the local app.
 
     With ``authz``, every request is checked by the authorization bridge first; with
-    ``taps``, every request is reported to the tap collector (the l7 tap).
+    ``taps``, every request is reported to the tap collector (the l7 tap).  The ``ingress``
+    listener verifies JWTs first when the spec asks for it.
+
+    One canonical path for every decision: before routing, jwt_authn, ext_authz and the
+    app see it, the path is normalized (dot-segments resolved, ``//`` merged), and a path
+    with an escaped slash or backslash (``%2F``, ``%5C``) is refused with 400.  Refused
+    rather than unescaped: a ``%2F`` is data in one segment to some apps and a separator
+    to others, so no rewrite keeps one meaning for the policy and the app, and a redirect
+    would turn a POST into a GET for many clients.
     """
     filters = [HttpFilter(name=FAULT_FILTER, typed_config=Any.pack(HttpFault()))]
+    if ingress is not None and ingress.jwt is not None:
+        filters.append(HttpFilter(name=JWT_FILTER, typed_config=Any.pack(_jwt_authn(ingress.jwt))))
     if authz is not None:
-        filters.append(HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=Any.pack(_ext_authz(authz))))
+        jwt = ingress is not None and ingress.jwt is not None
+        filters.append(HttpFilter(name=EXT_AUTHZ_FILTER, typed_config=Any.pack(_ext_authz(authz, jwt))))
     filters.append(HttpFilter(name=ROUTER_FILTER, typed_config=Any.pack(Router())))
     hcm = HttpConnectionManager(
         stat_prefix=listener,
@@ -283,6 +349,7 @@ def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool) ->
         # Policies match path prefixes: /charge/../admin must reach them as /admin.
         normalize_path=True,
         merge_slashes=True,
+        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.REJECT_REQUEST,
         http_filters=filters,
         access_log=[_fail_open_log(listener)] if authz is not None and authz.fail_open else [],
     )
@@ -296,11 +363,12 @@ def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool) ->
     if listener == "outbound":
         hcm.rds = Rds(config_source=_ADS, route_config_name=OUTBOUND_ROUTES)
     else:
-        hcm.route_config = _app_routes(listener)
+        hcm.route_config = _app_routes(listener, ingress)
     return Any.pack(hcm)
 
 
-def _ext_authz(authz: _Authz) -> ExtAuthz:
+def _ext_authz(authz: _Authz, jwt: bool) -> ExtAuthz:
+    """The check of every request; with ``jwt``, it carries jwt_authn's metadata (the claims)."""
     return ExtAuthz(
         grpc_service=GrpcService(
             envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER), timeout=timedelta(milliseconds=500)
@@ -310,7 +378,29 @@ def _ext_authz(authz: _Authz) -> ExtAuthz:
         # with x-envoy-auth-failure-mode-allowed, which the access log below records.
         failure_mode_allow=authz.fail_open,
         failure_mode_allow_header_add=authz.fail_open,
+        metadata_context_namespaces=[JWT_FILTER] if jwt else [],
     )
+
+
+def _jwt_authn(jwt: ms.IngressJwt) -> JwtAuthentication:
+    """Bearer tokens (``Authorization: Bearer``) signed by a key of the spec's JWKS, from its
+    issuer, for one of its audiences, not expired.  A bad token is refused (401) here; a
+    missing one too, unless the spec says ``required: false``.  The verified claims go to
+    the dynamic metadata ext_authz forwards; the token itself is forwarded to the app."""
+    provider = JwtProvider(
+        issuer=jwt.issuer,
+        audiences=list(jwt.audiences),
+        local_jwks=DataSource(inline_string=jwt.jwks),
+        require_expiration=True,
+        forward=True,
+        payload_in_metadata=JWT_PAYLOAD_KEY,
+        clock_skew_seconds=30,
+    )
+    verified = JwtRequirement(provider_name=JWT_PROVIDER)
+    requires = verified if jwt.required else JwtRequirement(requires_any=JwtRequirementOrList(
+        requirements=[verified, JwtRequirement(allow_missing=Empty())]))
+    return JwtAuthentication(providers={JWT_PROVIDER: provider},
+                             rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=requires)])
 
 
 def _tap_stream(listener: str) -> CommonGrpcAccessLogConfig:
@@ -340,18 +430,22 @@ def _fail_open_log(listener: str) -> AccessLog:
     )
 
 
-def _app_routes(name: str) -> RouteConfiguration:
-    """Everything arriving at an inbound/ingress listener goes to the local workload."""
-    return RouteConfiguration(
-        name=name,
-        virtual_hosts=[
-            VirtualHost(
-                name="app",
-                domains=["*"],
-                routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=APP_CLUSTER))],
-            )
-        ],
+def _app_routes(name: str, ingress: _Ingress | None) -> RouteConfiguration:
+    """Everything arriving at an inbound/ingress listener goes to the local workload.
+
+    The ingress's checks say so to the policy (context extensions), so Rego tells a request
+    from outside the mesh from a call between services."""
+    host = VirtualHost(
+        name="app",
+        domains=["*"],
+        routes=[Route(match=RouteMatch(prefix="/"), route=RouteAction(cluster=APP_CLUSTER))],
     )
+    if ingress is not None:
+        extensions = {HOP_EXTENSION: "ingress", SERVICE_EXTENSION: ingress.service}
+        host.typed_per_filter_config = {
+            EXT_AUTHZ_FILTER: Any.pack(ExtAuthzPerRoute(check_settings=CheckSettings(context_extensions=extensions)))
+        }
+    return RouteConfiguration(name=name, virtual_hosts=[host])
 
 
 # --- outbound routes -----------------------------------------------------------
