@@ -6,11 +6,14 @@ One asyncio loop owns all state.  A spec reaches it three ways, all through
 is validated and fully translated before anything is swapped in, so a refused spec
 leaves every sidecar on the config it has.
 
-Admin API (HTTP/JSON, loopback by default): ``GET /healthz``, ``GET /status``,
-``POST /apply`` (body: mesh.yaml text; 200 with the nodes that changed, 400 with the
-problems), ``POST /placement`` (read placement.json again: instances added, removed,
-serving or draining), ``POST /ca/rotate`` (rotate the mesh root; 409 if a sidecar did
-not follow).
+Admin API (HTTP/JSON, loopback by default; every call but ``GET /healthz`` needs the
+data dir's api token, see core/jsonhttp.py): ``GET /status``, ``POST /apply`` (body:
+``{"spec": <mesh.yaml text>, "file": <its absolute path, optional>}``; 200 with the nodes
+that changed, 400 with the problems), ``POST /placement`` (read placement.json again:
+instances added, removed, serving or draining), ``POST /ca/rotate`` (rotate the mesh
+root; 409 if a sidecar did not follow).  The applies journal records *who* offered each
+spec from the credential that authenticated it ("cli"), or "startup"/"watch" for the
+control plane's own reads, never from anything the request says about itself.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import NodeStatus
 from core import jsonhttp
 from core.contracts import MESH_DATA_PATH
+from core.credentials import CredentialError
 from core.datadir import DataDir, write_atomic
 
 log = logging.getLogger("greymesh.controlplane")
@@ -47,6 +51,8 @@ RENEW_CHECK_S = 1.0
 POLICY_SYNC_S = 1.0
 LIFETIME_SLACK = timedelta(seconds=1)  # certificates hold whole seconds
 MAX_SPEC_BYTES = 16 * 1024 * 1024
+MAX_APPLY_BODY_BYTES = MAX_SPEC_BYTES + 64 * 1024  # the spec as a JSON string, and its file name
+STARTUP, WATCH = "startup", "watch"  # who applied a spec the control plane read itself
 
 
 class RotationError(Exception):
@@ -55,10 +61,11 @@ class RotationError(Exception):
 
 @dataclass(frozen=True)
 class Applied:
-    source: str
+    source: str  # where the spec came from: its file, or "<POST /apply>"
     sha256: str
     at: float
     mesh: str
+    by: str  # who applied it: the authenticated principal, or STARTUP / WATCH
 
 
 class ControlPlane:
@@ -77,9 +84,11 @@ class ControlPlane:
         self._lock = asyncio.Lock()
         self._watching = False  # watch() runs
 
-    async def apply(self, text: str, source: str) -> list[str]:
+    async def apply(self, text: str, source: str, by: str) -> list[str]:
         """Validate, translate and swap in a spec; return the node ids whose config changed.
 
+        ``source`` names where the text came from (errors cite it; an absolute path becomes
+        the watched file); ``by`` is who offered it, as the journal records it.
         Raises SpecError (nothing changed) when the spec, or its placement, is refused.
         """
         async with self._lock:
@@ -88,8 +97,9 @@ class ControlPlane:
                 spec, placement = self._placed(declared, source)
                 snapshots = build_snapshots(spec, placement, self._identities(spec))
             except SpecError as exc:
-                self.last_rejected = {"source": source, "at": time.time(), "errors": str(exc).splitlines()}
-                self._journal("rejected", source, text, errors=self.last_rejected["errors"])
+                self.last_rejected = {"source": source, "by": by, "at": time.time(),
+                                      "errors": str(exc).splitlines()}
+                self._journal("rejected", source, by, text, errors=self.last_rejected["errors"])
                 log.error("refused %s; the running config stays:\n%s", source, exc)
                 raise
             changed = self._swap(snapshots)
@@ -97,9 +107,9 @@ class ControlPlane:
                 write_atomic(self.dd.spec, text)
                 if Path(source).is_absolute():  # `up FILE` / `apply FILE`: FILE is the one watched now
                     write_atomic(self.dd.spec_source, source)
-            self.applied = Applied(source, _sha256(text), time.time(), spec.name)
+            self.applied = Applied(source, _sha256(text), time.time(), spec.name, by)
             self.declared, self.spec, self.placement = declared, spec, placement
-            self._journal("applied", source, text, changed=sorted(changed))
+            self._journal("applied", source, by, text, changed=sorted(changed))
             log.info("applied %s (%s): %d sidecar(s) changed %s", source, self.applied.sha256[:12],
                      len(changed), sorted(changed))
             return sorted(changed)
@@ -220,9 +230,11 @@ class ControlPlane:
         log.info("placement changed: %d sidecar(s) get new config %s", len(changed), sorted(changed))
         return sorted(changed)
 
-    def _journal(self, outcome: str, source: str, text: str, **extra: object) -> None:
-        """Append-only record of every spec offered to the control plane."""
-        entry = {"at": time.time(), "outcome": outcome, "source": source, "sha256": _sha256(text), **extra}
+    def _journal(self, outcome: str, file: str, by: str, text: str, **extra: object) -> None:
+        """Append-only record of every spec offered to the control plane: ``source`` is who
+        offered it (an authenticated principal, or STARTUP / WATCH), ``file`` where it came from."""
+        entry = {"at": time.time(), "outcome": outcome, "source": by, "file": file, "sha256": _sha256(text),
+                 **extra}
         with open(self.dd.applies_journal, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(entry) + "\n")
 
@@ -276,7 +288,7 @@ class ControlPlane:
             else:
                 if sha != last_seen and (self.applied is None or sha != self.applied.sha256):
                     try:
-                        await self.apply(text, str(path))
+                        await self.apply(text, str(path), WATCH)
                     except SpecError:
                         pass  # logged and shown in status by apply()
                     except Exception:  # a bug must not stop the watch, nor the daemon
@@ -289,21 +301,21 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, port: int) -> ThreadingHTTPServer:
+def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, port: int,
+                  access: jsonhttp.Access) -> ThreadingHTTPServer:
     """A tiny HTTP server on its own thread; every request is handled on the control loop."""
 
-    class Handler(jsonhttp.JsonHandler):
+    class Handler(jsonhttp.ApiHandler):
         log = log
 
         def do_GET(self) -> None:  # noqa: N802
-            if self.path == "/healthz":
-                self.send_json(200, {"ok": True})
-            elif self.path == "/status":
+            if self.path == "/status":
                 self.send_json(200, asyncio.run_coroutine_threadsafe(_call(cp.status), loop).result(10))
             else:
                 self.send_json(404, {"errors": [f"no such endpoint {self.path}; try /status"]})
 
         def do_POST(self) -> None:  # noqa: N802
+            body = self.read_body()  # every POST's, so a keep-alive stream stays in step
             if self.path == "/ca/rotate":
                 try:
                     self.send_json(200, asyncio.run_coroutine_threadsafe(cp.rotate_root(), loop).result(300))
@@ -322,14 +334,13 @@ def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, 
                 self.send_json(404, {"errors": [f"no such endpoint {self.path}; try POST /apply, /placement or "
                                                 "/ca/rotate"]})
                 return
-            length = int(self.headers.get("Content-Length") or 0)
-            if length > MAX_SPEC_BYTES:
-                self.send_json(413, {"errors": [f"spec is {length} bytes; the limit is {MAX_SPEC_BYTES}"]})
-                return
-            text = self.rfile.read(length).decode("utf-8", "replace")
-            source = self.headers.get("X-Greymesh-Source") or "<POST /apply>"
             try:
-                changed = asyncio.run_coroutine_threadsafe(cp.apply(text, source), loop).result(60)
+                text, source = _apply_request(body)
+            except ValueError as exc:
+                self.send_json(400, {"errors": [str(exc)]})
+                return
+            try:
+                changed = asyncio.run_coroutine_threadsafe(cp.apply(text, source, self.principal), loop).result(60)
             except SpecError as exc:
                 self.send_json(400, {"errors": str(exc).splitlines()})
             except Exception as exc:
@@ -338,9 +349,25 @@ def _admin_server(cp: ControlPlane, loop: asyncio.AbstractEventLoop, host: str, 
             else:
                 self.send_json(200, {"changed": changed})
 
-    server = jsonhttp.serve(Handler, host, port)
+    server = jsonhttp.serve(Handler, host, port, access)
     threading.Thread(target=server.serve_forever, name="admin-http", daemon=True).start()
     return server
+
+
+def _apply_request(body: bytes) -> tuple[str, str]:
+    """(spec text, its source) of a POST /apply body; ValueError saying what to send."""
+    try:
+        doc = json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f'send {{"spec": "<mesh.yaml text>", "file": "/abs/path.yaml"}}: {exc}') from None
+    spec, file = (doc.get("spec"), doc.get("file")) if isinstance(doc, dict) else (None, None)
+    if not isinstance(spec, str):
+        raise ValueError('send {"spec": "<mesh.yaml text>"}: "spec" must be the spec as a string')
+    if file is not None and not (isinstance(file, str) and Path(file).is_absolute()):
+        raise ValueError(f'"file": {file!r} must be the absolute path the spec was read from')
+    if len(spec.encode()) > MAX_SPEC_BYTES:
+        raise ValueError(f"the spec is {len(spec.encode())} bytes; the limit is {MAX_SPEC_BYTES}")
+    return spec, file or "<POST /apply>"
 
 
 async def _call(fn):  # run a sync method on the loop thread
@@ -375,16 +402,19 @@ def _opa_data(opa_url: str) -> object:
 
 
 async def run(
-    dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: bool, opa_port: int | None = None
+    dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: bool, opa_port: int | None = None,
+    api_token: Path,
 ) -> None:
+    """Serve until cancelled; the admin API accepts the token in the file ``api_token`` only."""
+    access = jsonhttp.Access((jsonhttp.Credential.load(jsonhttp.CLI, api_token),), MAX_APPLY_BODY_BYTES)
     cp = ControlPlane(dd)
     if dd.spec.exists():
-        await cp.apply(dd.spec.read_text(encoding="utf-8"), str(dd.spec))
+        await cp.apply(dd.spec.read_text(encoding="utf-8"), str(dd.spec), STARTUP)
     background = [asyncio.create_task(cp.renew())]
     if opa_port is not None:
         background.append(asyncio.create_task(sync_policy_data(cp, f"http://{host}:{opa_port}")))
     ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port)
-    admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port)
+    admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port, access)
     log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
     try:
         if watch:
@@ -408,13 +438,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch", action="store_true",
                    help="apply the spec file named in the data dir's spec-source whenever it changes")
     p.add_argument("--opa-port", type=int, help="keep this OPA's mesh data in sync with the spec")
+    p.add_argument("--api-token-file", type=Path, required=True,
+                   help="the secret file (0600) holding the one token the admin API accepts (the CLI's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run(DataDir(args.data_dir), host=args.host, xds_port=args.xds_port, admin_port=args.admin_port,
-                        watch=args.watch, opa_port=args.opa_port))
+                        watch=args.watch, opa_port=args.opa_port, api_token=args.api_token_file))
     except KeyboardInterrupt:
         pass
+    except CredentialError as exc:
+        log.error("%s", exc)
+        return 2
     return 0
 
 
