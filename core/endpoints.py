@@ -10,7 +10,9 @@ and the runtime look them up here.
 from __future__ import annotations
 
 import json
+import ssl
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from core.datadir import DataDir, write_atomic
@@ -40,7 +42,10 @@ class Endpoints:
 
     ports: dict[str, int] = field(default_factory=dict)
     xds_api: XdsApi = "delta"
-    entrypoint: str | None = None  # the mesh's front door, http://host:port/
+    entrypoint: str | None = None  # the mesh's front door, https://host:port/
+    # The PEM a client of the front door trusts: the mesh CA's bundle, or the certificate
+    # mesh.yaml gives the ingress (see entrypoint_tls).
+    entrypoint_ca: str | None = None
     kafka: str | None = None  # bootstrap servers of an external Kafka; None: the local broker
     store: str | None = None  # tap store URL (audit.store.open_store); None: embedded chdb
 
@@ -57,7 +62,7 @@ class Endpoints:
         if not dd.state.exists():
             return cls()
         raw = json.loads(dd.state.read_text())
-        known = {k: raw[k] for k in ("ports", "xds_api", "entrypoint", "kafka", "store") if k in raw}
+        known = {k: raw[k] for k in ("ports", "xds_api", "entrypoint", "entrypoint_ca", "kafka", "store") if k in raw}
         return cls(**known)
 
     @classmethod
@@ -70,3 +75,12 @@ class Endpoints:
 
     def save(self, dd: DataDir) -> None:
         write_atomic(dd.state, json.dumps(asdict(self), indent=2))
+
+
+def entrypoint_tls(ca_file: str | Path) -> ssl.SSLContext:
+    """A client's TLS context for the mesh's front door: verifies the ingress's certificate
+    and host name against ``ca_file`` alone.  Partial chains are accepted, so the file may
+    hold the ingress's own certificate (one mesh.yaml gives) as well as a root."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
+    return context

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import logging
+import ssl
 import re
 import urllib.error
 import urllib.request
@@ -295,10 +296,11 @@ def get(url: str, timeout_s: float = 5.0, *, token: str | None = None) -> dict:
     return call(url, timeout_s=timeout_s, token=token)
 
 
-def http_ok(url: str, timeout_s: float = 2.0) -> bool:
-    """True when url answers 200 (a readiness probe; an API's is its open /healthz)."""
+def http_ok(url: str, timeout_s: float = 2.0, context: ssl.SSLContext | None = None) -> bool:
+    """True when url answers 200 (a readiness probe; an API's is its open /healthz).
+    ``context`` verifies an https url's server (default: the system's roots)."""
     try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+        with urllib.request.urlopen(url, timeout=timeout_s, context=context) as resp:
             return resp.status == 200
     except OSError:
         return False

@@ -41,6 +41,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from core.datadir import DataDir, write_atomic
+from core.endpoints import entrypoint_tls
 from core.storeclient import StoreClient
 from greymesh.demo.service import knobs_path
 from greymesh.runtime import local as runtime
@@ -65,9 +66,10 @@ class Phase:
 class Traffic:
     """Open-loop Poisson traffic at the front door; the rate and path mix can change live."""
 
-    def __init__(self, url: str, base_rps: float):
+    def __init__(self, url: str, ca: str | None, base_rps: float):
         parts = urlsplit(url)
-        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 443
+        self.ca = ca  # the PEM the front door's certificate chains to
         self.base_rps = base_rps
         self.multiplier = 1.0
         self.scan_rps = 0.0
@@ -99,8 +101,8 @@ class Traffic:
             self._pool.submit(self._one, path, SCANNER_ADDR if scan else None)
 
     def _one(self, path: str, source: str | None) -> None:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=10,
-                                          source_address=(source, 0) if source else None)
+        conn = http.client.HTTPSConnection(self.host, self.port, timeout=10, context=entrypoint_tls(self.ca),
+                                           source_address=(source, 0) if source else None)
         try:
             conn.request("GET", path)
             outcome = str(conn.getresponse().status)
@@ -205,7 +207,7 @@ def record(out_dir: Path, *, train_s: float, holdout_s: float, fault_s: float, r
     # No automatic first model: training takes both cores for a minute, which would land
     # inside a scenario and be recorded as part of it.
     endpoints = runtime.up(dd, spec, load_rps=0, watch=False, store=store, auto_train_minutes=None, progress=progress)
-    traffic = Traffic(endpoints.entrypoint or "", base_rps)
+    traffic = Traffic(endpoints.entrypoint or "", endpoints.entrypoint_ca, base_rps)
     mesh = Mesh(dd, spec, traffic)
 
     def log_phase(phase: Phase) -> None:

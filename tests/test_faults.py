@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import pytest
 import yaml
 
-from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, wait_for
+from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, tls_context, wait_for
 
 pytestmark = pytest.mark.e2e  # a whole mesh
 
@@ -125,7 +125,7 @@ class Load:
         path = self.prefix + rid
         req = urllib.request.Request(self.entrypoint.rstrip("/") + path, headers={"x-request-id": rid})
         try:
-            with urllib.request.urlopen(req, timeout=20) as resp:
+            with urllib.request.urlopen(req, timeout=20, context=tls_context(self.entrypoint)) as resp:
                 resp.read()
                 status = resp.status
         except urllib.error.HTTPError as exc:

@@ -167,4 +167,4 @@ def test_status_lists_every_process_and_sidecar(mesh: Mesh):
     assert all(p["running"] and p["ready"] and p["state"] == "ready" for p in procs.values())
     assert mesh.cli("status", check=False).returncode == 0
     assert set(doc["controlplane"]["nodes"]) == set(instances)
-    assert doc["entrypoint"].startswith("http://127.0.0.1:")
+    assert doc["entrypoint"].startswith("https://127.0.0.1:")

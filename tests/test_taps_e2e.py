@@ -29,7 +29,7 @@ import yaml
 from envoy.service.accesslog.v3 import als_pb2
 
 from tests.support.clickhouse import ClickHouseServer
-from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, wait_for
+from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, tls_context, wait_for
 
 ARRIVAL_TIMEOUT_S = 60.0
 
@@ -59,7 +59,7 @@ def send(mesh: Mesh, n: int, agent: str, *, path: str = "/anything/shop") -> lis
     url = urllib.parse.urlsplit(mesh.entrypoint)
     statuses = []
     for _ in range(n):
-        conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+        conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=10, context=tls_context(mesh.entrypoint))
         try:
             conn.request("GET", path, headers={"User-Agent": agent, "Connection": "close"})
             resp = conn.getresponse()

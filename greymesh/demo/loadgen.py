@@ -2,7 +2,8 @@
 
 Open loop at a fixed rate: a request is sent every 1/rps seconds whether or not the
 previous one finished (a small thread pool absorbs slow answers).  It writes a running
-tally of outcomes to a JSON file that `greymesh status` reads.
+tally of outcomes to a JSON file that `greymesh status` reads.  The front door is TLS: the
+load generator verifies it against the PEM it is given (``--ca``), as any client would.
 """
 
 from __future__ import annotations
@@ -19,15 +20,18 @@ from pathlib import Path
 from threading import Lock
 
 from core.datadir import write_atomic
+from core.endpoints import entrypoint_tls
 
 
-def run(url: str, rps: float, tally_path: Path, timeout_s: float = 5.0) -> None:
+def run(url: str, rps: float, tally_path: Path, ca: Path | None, timeout_s: float = 5.0) -> None:
     counts: Counter[str] = Counter()
     lock = Lock()
 
     def one() -> None:
         try:
-            with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            # Read for every request (~1 ms): a root rotation replaces the bundle under us.
+            context = entrypoint_tls(ca) if ca else None
+            with urllib.request.urlopen(url, timeout=timeout_s, context=context) as resp:
                 outcome = str(resp.status)
         except urllib.error.HTTPError as exc:
             outcome = str(exc.code)
@@ -58,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--url", required=True)
     p.add_argument("--rps", type=float, required=True)
     p.add_argument("--tally", type=Path, required=True, help="where the outcome counts are written every second")
+    p.add_argument("--ca", type=Path, help="the PEM an https url's certificate must chain to")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        run(args.url, args.rps, args.tally)
+        run(args.url, args.rps, args.tally, args.ca)
     except KeyboardInterrupt:
         pass
     return 0

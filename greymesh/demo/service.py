@@ -1,9 +1,11 @@
 """A demo microservice: answers HTTP, calls its dependencies through its sidecar.
 
-A request to ``/`` or ``/anything[/...]`` is answered with who served it (service,
-instance, subset) and, nested, the answers of every service it calls, so a single
-response shows the whole path it took through the mesh; any other path is a 404, as a
-real API's would be.  Dependencies are called through the sidecar's outbound listener
+A request to ``/``, ``/anything[/...]`` or ``/admin[/...]`` is answered with who served
+it (service, instance, subset), the path it received (after the sidecars normalized it:
+what the policy decided on) and, nested, the answers of every service it calls, so a
+single response shows the whole path it took through the mesh; any other path is a 404,
+as a real API's would be.  ``/admin`` stands for an API the ingress policy guards
+(policies/ingress.rego).  Dependencies are called through the sidecar's outbound listener
 with the callee's name as Host, exactly as a meshed app would.
 
 Knobs make a service misbehave on purpose, for the anomaly detector's fault scenarios
@@ -33,7 +35,7 @@ log = logging.getLogger("greymesh.demo")
 
 # Headers a service forwards to its callees so one request keeps one identity end to end.
 PROPAGATED = ("x-request-id", "traceparent")
-API_PATHS = ("/", "/anything")  # and anything below /anything/
+API_PATHS = ("/", "/anything", "/admin")  # and anything below /anything/ and /admin/
 
 
 def knobs_path(data_dir: Path, service: str) -> Path:
@@ -130,7 +132,7 @@ def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
 
         def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
             path = self.path.split("?", 1)[0]
-            if path not in API_PATHS and not path.startswith("/anything/"):
+            if path not in API_PATHS and not path.startswith(("/anything/", "/admin/")):
                 self.send_json(404, {"service": cfg.service, "error": f"no such path: {path}"})
                 return
             knobs = knob_file.get()

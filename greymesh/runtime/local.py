@@ -36,6 +36,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from audit.store import StoreError, check_url, redacted
+from controlplane.identity import BUNDLE_FILE
 from controlplane.meshspec import MeshSpec, load_spec
 from controlplane.placement import Placement, SidecarPorts
 from core import credentials, jsonhttp
@@ -43,7 +44,7 @@ from core import kafka as kafka_client
 from core.datadir import DataDir, write_atomic
 from core.endpoints import (
     AUTHZ, CP_ADMIN, HOST, HOST_KEYS, KAFKA, KAFKA_CONTROLLER, SIDECAR_ROLES, SINK_HTTP, TAP_SERVICES, TAPS_HTTP,
-    Endpoints, XdsApi,
+    Endpoints, XdsApi, entrypoint_tls,
 )
 from core.errors import GreymeshError, InputError, NotRunning
 from core.wait import wait_until
@@ -298,7 +299,8 @@ def up(
         previous = Placement.load(dd.placement) if dd.placement.exists() else None
         placement = place(dd, spec, endpoints, previous)
         entry = next(n for n, p in sorted(placement.sidecars.items()) if p.service == spec.entrypoint)
-        endpoints.entrypoint = f"http://{HOST}:{placement.ports(entry).ingress}/"
+        endpoints.entrypoint = f"https://{HOST}:{placement.ports(entry).ingress}/"
+        endpoints.entrypoint_ca = _entrypoint_ca(dd, spec)
         endpoints.save(dd)
         write_atomic(dd.placement, placement.to_json())
         workloads.write_sidecar_files(dd, placement, endpoints)
@@ -317,7 +319,7 @@ def up(
         _ensure_supervisor(dd)
         progress(f"supervisor runs {len(table.workloads)} workloads (logs in {dd.logs})")
         wait_ready(dd, table.names(), progress)
-        _wait(lambda: jsonhttp.http_ok(endpoints.entrypoint), f"a request through the mesh ({endpoints.entrypoint})",
+        _wait(lambda: _entrypoint_ok(endpoints), f"a request through the mesh ({endpoints.entrypoint})",
               dd.log(f"envoy:{entry}"), progress)
         return endpoints
 
@@ -330,6 +332,23 @@ def _keep_store_password(dd: DataDir, store: str | None, password: str | None) -
         path.unlink(missing_ok=True)
     if password:
         credentials.issue(path, password)
+
+
+def _entrypoint_ca(dd: DataDir, spec: MeshSpec) -> str:
+    """What clients of the ingress trust: the certificate mesh.yaml gives it, or the bundle
+    of the mesh CA that issues it one (the control plane's CA directory)."""
+    if spec.ingress.tls is not None:
+        return spec.ingress.tls.cert_file
+    return str(dd.root / "ca" / spec.identity.trust_domain / BUNDLE_FILE)
+
+
+def _entrypoint_ok(endpoints: Endpoints) -> bool:
+    """A request through the front door succeeds, over TLS verified as a client would."""
+    try:  # the mesh CA's bundle appears once the control plane runs
+        context = entrypoint_tls(endpoints.entrypoint_ca)
+    except OSError:
+        return False
+    return jsonhttp.http_ok(endpoints.entrypoint, context=context)
 
 
 def _prepare_infrastructure(dd: DataDir, endpoints: Endpoints, progress: Progress) -> None:

@@ -222,7 +222,7 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
         sidecars = tuple(w.name for w in rows if w.name.startswith("envoy:"))
         rows.append(Workload(
             "loadgen", _python("greymesh.demo.loadgen", "--url", endpoints.entrypoint, "--rps", str(options.load_rps),
-                               "--tally", str(dd.loadgen_tally)),
+                               "--tally", str(dd.loadgen_tally), "--ca", str(endpoints.entrypoint_ca)),
             "mesh", after=sidecars))
     return Table(rows, options)
 

@@ -7,6 +7,7 @@ import copy
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import yaml
 
 from core import credentials
 from core.datadir import DataDir
+from core.endpoints import entrypoint_tls
 
 ROOT = Path(__file__).resolve().parents[2]
 DEMO_SPEC = ROOT / "deploy" / "demo" / "mesh.yaml"
@@ -57,9 +59,23 @@ class Reply:
         return found
 
 
-def get(url: str, timeout: float = 5.0) -> Reply:
+# The PEM each front door's certificate chains to, by "https://host:port", recorded when a
+# test reads Mesh.entrypoint: get(mesh.entrypoint) verifies TLS as any client would.
+_ENTRYPOINT_CAS: dict[str, str] = {}
+
+
+def tls_context(url: str) -> ssl.SSLContext | None:
+    """The client TLS context for a front door's url (None for other urls).  Read for every
+    request: a root rotation replaces the bundle under a running test."""
+    parts = urllib.parse.urlsplit(url)
+    ca = _ENTRYPOINT_CAS.get(f"{parts.scheme}://{parts.netloc}")
+    return entrypoint_tls(ca) if ca else None
+
+
+def get(url: str, timeout: float = 5.0, headers: dict[str, str] | None = None) -> Reply:
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:
+        req = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(req, timeout=timeout, context=tls_context(url)) as resp:
             raw, status = resp.read(), resp.status
     except urllib.error.HTTPError as exc:
         raw, status = exc.read(), exc.code
@@ -138,8 +154,12 @@ class Mesh:
 
     @property
     def entrypoint(self) -> str:
-        """The front door, from the data dir (a data dir keeps its ports: no CLI call per request)."""
-        return json.loads((self.data_dir / "runtime.json").read_text())["entrypoint"]
+        """The front door (https), from the data dir (a data dir keeps its ports: no CLI call
+        per request); get() and Traffic trust its certificate from here on."""
+        doc = json.loads((self.data_dir / "runtime.json").read_text())
+        parts = urllib.parse.urlsplit(doc["entrypoint"])
+        _ENTRYPOINT_CAS[f"{parts.scheme}://{parts.netloc}"] = doc["entrypoint_ca"]
+        return doc["entrypoint"]
 
     def spec(self) -> dict:
         """A fresh, mutable copy of the baseline spec."""
