@@ -37,6 +37,7 @@ import threading
 import urllib.parse
 from concurrent import futures
 from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 from envoy.config.core.v3 import base_pb2
@@ -46,7 +47,9 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
+from core import credentials
 from core.contracts import DECISION_PATH
+from core.credentials import CredentialError
 
 log = logging.getLogger("greymesh.authz")
 
@@ -59,7 +62,6 @@ OPA_TIMEOUT_S = 0.4
 class Decision:
     allow: bool
     reason: str
-    policy_hash: str | None = None
 
 
 class PolicyUnavailable(Exception):
@@ -106,10 +108,12 @@ def _address(addr: base_pb2.Address) -> dict:
 
 
 class OpaClient(threading.local):
-    """One keep-alive connection to OPA per bridge thread."""
+    """One keep-alive connection to OPA per bridge thread, presenting the bridge's token
+    (OPA's authorization policy lets it ask the decision and nothing else)."""
 
-    def __init__(self, host: str, port: int, timeout_s: float = OPA_TIMEOUT_S):
+    def __init__(self, host: str, port: int, token: str, timeout_s: float = OPA_TIMEOUT_S):
         self.host, self.port, self.timeout_s = host, port, timeout_s
+        self.headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
         self.conn: http.client.HTTPConnection | None = None
 
     def decide(self, doc: dict) -> Decision:
@@ -118,7 +122,7 @@ class OpaClient(threading.local):
             if self.conn is None:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout_s)
             try:
-                self.conn.request("POST", DECISION_URL_PATH, body, {"Content-Type": "application/json"})
+                self.conn.request("POST", DECISION_URL_PATH, body, self.headers)
                 resp = self.conn.getresponse()
                 raw = resp.read()
                 break
@@ -130,12 +134,14 @@ class OpaClient(threading.local):
                 stale = isinstance(exc, ConnectionResetError | BrokenPipeError | http.client.RemoteDisconnected)
                 if attempt == 2 or not stale:
                     raise PolicyUnavailable(f"OPA at {self.host}:{self.port} unreachable: {exc}") from None
+        if resp.status == 401:
+            raise PolicyUnavailable("OPA refused the bridge's token (--opa-token-file: is it this mesh's?)")
         if resp.status != 200:
             raise PolicyUnavailable(f"OPA answered {resp.status}: {raw[:200]!r}")
         result = json.loads(raw).get("result")
         if not isinstance(result, dict) or not isinstance(result.get("allow"), bool):
             raise PolicyUnavailable("no policy decision (is a policy pushed? see `greymesh policy push`)")
-        return Decision(result["allow"], str(result.get("reason", "")), result.get("policy_hash"))
+        return Decision(result["allow"], str(result.get("reason", "")))
 
 
 class AuthorizationBridge(authz_grpc.AuthorizationServicer):
@@ -168,10 +174,10 @@ class AuthorizationBridge(authz_grpc.AuthorizationServicer):
         )
 
 
-def serve(host: str, port: int, opa_host: str, opa_port: int, workers: int = 16) -> grpc.Server:
+def serve(host: str, port: int, opa_host: str, opa_port: int, opa_token: str, workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="authz"),
                          options=[("grpc.so_reuseport", 0)])
-    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationBridge(OpaClient(opa_host, opa_port)), server)
+    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationBridge(OpaClient(opa_host, opa_port, opa_token)), server)
     server.add_insecure_port(f"{host}:{port}")
     server.start()
     log.info("authorization bridge on %s:%d asking OPA at %s:%d", host, port, opa_host, opa_port)
@@ -185,10 +191,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--opa-port", type=int, required=True)
+    p.add_argument("--opa-token-file", type=Path, required=True,
+                   help="the bridge's token for OPA (0600): OPA refuses a decision request without it")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        serve(args.host, args.port, "127.0.0.1", args.opa_port).wait_for_termination()
+        opa_token = credentials.read(args.opa_token_file)
+    except CredentialError as exc:
+        log.error("%s", exc)
+        return 2
+    try:
+        serve(args.host, args.port, "127.0.0.1", args.opa_port, opa_token).wait_for_termination()
     except KeyboardInterrupt:
         pass
     return 0

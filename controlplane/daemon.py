@@ -40,7 +40,6 @@ from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import Snapshot
 from controlplane.xds.status import NodeStatus
 from core import jsonhttp
-from core.contracts import MESH_DATA_PATH
 from core.credentials import CredentialError
 from core.datadir import DataDir, write_atomic
 
@@ -374,7 +373,7 @@ async def _call(fn):  # run a sync method on the loop thread
     return fn()
 
 
-async def sync_policy_data(cp: ControlPlane, opa_url: str) -> None:
+async def sync_policy_data(cp: ControlPlane, opa: policy.OpaApi) -> None:
     """Keep OPA's copy of the mesh (identities, tags, who calls whom) equal to the spec's.
 
     Checked every second rather than pushed once, because OPA keeps data in memory:
@@ -386,24 +385,20 @@ async def sync_policy_data(cp: ControlPlane, opa_url: str) -> None:
         if spec is not None:
             desired = policy.mesh_data(spec)
             try:
-                if spec is not pushed_for or await asyncio.to_thread(_opa_data, opa_url) != desired:
-                    await asyncio.to_thread(policy.push_mesh_data, opa_url, desired)
+                if spec is not pushed_for or await asyncio.to_thread(policy.running_mesh_data, opa) != desired:
+                    await asyncio.to_thread(policy.push_mesh_data, opa, desired)
                     log.info("pushed mesh data for %d services to OPA", len(desired["services"]))
                     pushed_for = spec
-            except (jsonhttp.ApiError, jsonhttp.Unreachable, policy.OpaUnavailable, policy.PolicyError) as exc:
+            except (policy.OpaUnavailable, policy.PolicyError) as exc:
                 if pushed_for is not None:
-                    log.warning("cannot sync mesh data to OPA at %s: %s", opa_url, exc)
+                    log.warning("cannot sync mesh data to OPA at %s: %s", opa.url, exc)
                 pushed_for = None
         await asyncio.sleep(POLICY_SYNC_S)
 
 
-def _opa_data(opa_url: str) -> object:
-    return jsonhttp.get(f"{opa_url}/v1/data/{MESH_DATA_PATH}", timeout_s=2).get("result")
-
-
 async def run(
     dd: DataDir, *, host: str, xds_port: int, admin_port: int, watch: bool, opa_port: int | None = None,
-    api_token: Path,
+    opa_token: Path | None = None, api_token: Path,
 ) -> None:
     """Serve until cancelled; the admin API accepts the token in the file ``api_token`` only."""
     access = jsonhttp.Access((jsonhttp.Credential.load(jsonhttp.CLI, api_token),), MAX_APPLY_BODY_BYTES)
@@ -412,7 +407,10 @@ async def run(
         await cp.apply(dd.spec.read_text(encoding="utf-8"), str(dd.spec), STARTUP)
     background = [asyncio.create_task(cp.renew())]
     if opa_port is not None:
-        background.append(asyncio.create_task(sync_policy_data(cp, f"http://{host}:{opa_port}")))
+        if opa_token is None:
+            raise CredentialError("--opa-port needs --opa-token-file: OPA refuses requests without a token")
+        opa = policy.OpaApi.with_token_file(f"http://{host}:{opa_port}", opa_token)
+        background.append(asyncio.create_task(sync_policy_data(cp, opa)))
     ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port)
     admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port, access)
     log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
@@ -438,13 +436,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--watch", action="store_true",
                    help="apply the spec file named in the data dir's spec-source whenever it changes")
     p.add_argument("--opa-port", type=int, help="keep this OPA's mesh data in sync with the spec")
+    p.add_argument("--opa-token-file", type=Path, help="the secret file (0600) of the control plane's token for OPA")
     p.add_argument("--api-token-file", type=Path, required=True,
                    help="the secret file (0600) holding the one token the admin API accepts (the CLI's)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         asyncio.run(run(DataDir(args.data_dir), host=args.host, xds_port=args.xds_port, admin_port=args.admin_port,
-                        watch=args.watch, opa_port=args.opa_port, api_token=args.api_token_file))
+                        watch=args.watch, opa_port=args.opa_port, opa_token=args.opa_token_file,
+                        api_token=args.api_token_file))
     except KeyboardInterrupt:
         pass
     except CredentialError as exc:

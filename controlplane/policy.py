@@ -1,58 +1,72 @@
 """The authorization policy's lifecycle against a running OPA: test, push, diff, evaluate.
 
 OPA compiles whatever module it is handed, so a broken or untested policy would go
-live the moment it is PUT.  :func:`push` is the gate.  It runs ``opa check`` and
-``opa test`` on the local files and only then replaces the running modules.  If OPA
-refuses one of them, the modules already replaced are put back, so the running
-policy stays whole.  Every attempt, refused ones too, is appended to a JSONL journal.
-``data.greymesh.policy`` records the hash of the running policy, and every decision
-carries that hash.
+live the moment it reached OPA.  :func:`push` is the gate.  It runs ``opa check`` and
+``opa test`` on the local files and only then gives OPA the modules, as one *bundle*
+(a tar.gz OPA loads from the data dir and reloads when it changes, ``opa run --bundle
+--watch``): OPA swaps all modules at once or, if it cannot activate the bundle, keeps
+the old ones, and push puts the previous file back.  Every attempt, refused ones too, is
+appended to a JSONL journal.  The bundle's ``.manifest`` revision is the policy's sha256
+(:func:`policy_hash`); OPA reports the revision of what it loaded with every decision
+(decision logs: ``bundles``; the data API: ``provenance``), so the hash a decision carries
+is OPA's account of what ran, which no rule of the policy can change.  The bundle file is
+also the copy a restarted OPA loads at start.
+
+OPA's REST API refuses every request without a token (policies/system/authz.rego): the
+control plane's token reads what runs, syncs the mesh data and asks decisions; nobody
+writes a policy through the API.
 
 The mesh itself (who may call whom, SPIFFE IDs, tags) reaches the policy as data at
 ``data.greymesh.mesh``: see :func:`mesh_data` and policies/README.md for its shape.
 
-OPA is spoken to through opa-python-client (its REST API) and the ``opa`` binary
-(``check`` and ``test`` exist only there).
+The REST API is spoken through core.jsonhttp; ``check`` and ``test`` exist only in the
+``opa`` binary.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import getpass
 import hashlib
+import io
 import json
-import shutil
+import os
+import re
 import subprocess
 import sys
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import tarfile
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from typing import Any
 
 from controlplane.identity import spiffe_id
 from controlplane.meshspec import MeshSpec
-from core import jsonhttp
-from core.contracts import DECISION_PATH, MESH_DATA_PATH, POLICY_META_PATH
+from core import credentials, jsonhttp
+from core.contracts import DECISION_PATH, MESH_DATA_PATH, policy_hash_of
 from core.errors import GreymeshError, InputError
 from core.installs import opa_binary
 
-if TYPE_CHECKING:
-    # Imported where used: opa_client pulls in requests and aiohttp (~0.4 s), and every
-    # `greymesh` command imports this module to build its parser.
-    from opa_client import OpaClient
-    from opa_client.errors import RegoParseError
-
 POLICY_DIR = Path(__file__).resolve().parents[1] / "policies"
-MODULE_PREFIX = "greymesh/"  # policy IDs of our modules in OPA
+# Under a policy dir: OPA's own authorization policy, which the runtime loads when it starts
+# OPA (greymesh/runtime/opa.py); it is tested with the rest but never pushed.
+SYSTEM_DIR = "system"
 JOURNAL_VERSION = 1
 TEST_SUFFIX = "_test.rego"
-KEPT_META = "push.json"  # beside a kept copy: the meta of the push it is a copy of
 OPA_TIMEOUT_S = 10.0
 OPA_CLI_TIMEOUT_S = 120.0
+BUNDLE_LOAD_TIMEOUT_S = 5.0  # OPA reloads a changed bundle in ~20 ms
+# Data paths no pushed module may own: the system bundle's (OPA's authorization and the
+# clients' token digests), OPA's own bundle records, and the mesh data the control plane writes.
+RESERVED_ROOTS = ("system/authz", "system/greymesh", "system/bundles", MESH_DATA_PATH)
+# The roots of the bundle the runtime puts in place before anything was pushed: it holds no
+# module, so OPA starts deciding nothing (every request denied) until the first push.
+PLACEHOLDER_ROOTS = (DECISION_PATH.rsplit("/", 1)[0],)
+_PACKAGE = re.compile(r"^package\s+([A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*)\s*(?:#.*)?$", re.MULTILINE)
 
 
 class PolicyError(InputError):
@@ -64,11 +78,23 @@ class OpaUnavailable(GreymeshError):
 
 
 @dataclass(frozen=True)
+class OpaApi:
+    """OPA's REST API at ``url`` (http://host:port) and the bearer token this client presents."""
+
+    url: str
+    token: str = field(repr=False)
+
+    @classmethod
+    def with_token_file(cls, url: str, path: Path) -> OpaApi:
+        """The API at url with the token in the secret file at path (CredentialError if unreadable)."""
+        return cls(url, credentials.read(path))
+
+
+@dataclass(frozen=True)
 class Module:
-    """One policy file: `name` is its path under the policy dir, `id` its policy ID in OPA."""
+    """One policy file: `name` is its path under the policy dir (and in the bundle)."""
 
     name: str
-    id: str
     text: str
 
 
@@ -83,21 +109,14 @@ class PushResult:
 # --- local files ------------------------------------------------------------------
 
 
-def module_id(name: str) -> str:
-    """The policy ID in OPA of the module at `name` (its path under the policy dir).
-
-    Independent of where the policy dir lives, so a push from any checkout replaces the
-    running modules in place instead of adding a second, conflicting copy of the package."""
-    return MODULE_PREFIX + name
-
-
 def load_policy(policy_dir: Path) -> tuple[Module, ...]:
-    """The policy modules under policy_dir (tests excluded: they are run, not deployed)."""
-    files = sorted(p for p in policy_dir.rglob("*.rego") if not p.name.endswith(TEST_SUFFIX))
+    """The policy modules under policy_dir: tests (run, not deployed) and the system dir
+    (OPA's own authorization, loaded by the runtime) excluded."""
+    files = sorted(p for p in policy_dir.rglob("*.rego")
+                   if not p.name.endswith(TEST_SUFFIX) and p.relative_to(policy_dir).parts[0] != SYSTEM_DIR)
     if not files:
-        raise PolicyError(f"{policy_dir}: no policy modules (*.rego other than *{TEST_SUFFIX})")
-    names = [p.relative_to(policy_dir).as_posix() for p in files]
-    return tuple(Module(n, module_id(n), p.read_text(encoding="utf-8")) for n, p in zip(names, files))
+        raise PolicyError(f"{policy_dir}: no policy modules (*.rego other than *{TEST_SUFFIX} and {SYSTEM_DIR}/)")
+    return tuple(Module(p.relative_to(policy_dir).as_posix(), p.read_text(encoding="utf-8")) for p in files)
 
 
 def policy_hash(modules: tuple[Module, ...]) -> str:
@@ -106,6 +125,53 @@ def policy_hash(modules: tuple[Module, ...]) -> str:
     for m in sorted(modules, key=lambda m: m.name):
         h.update(m.name.encode() + b"\0" + m.text.encode() + b"\0")
     return h.hexdigest()
+
+
+def bundle_roots(modules: tuple[Module, ...], policy_dir: Path) -> list[str]:
+    """The data paths the bundle owns: its modules' packages (OPA refuses a module outside
+    its bundle's roots).  PolicyError for a package that would own a reserved path."""
+    packages: set[str] = set()
+    for m in modules:
+        found = _PACKAGE.search(m.text)
+        if found is None:
+            raise PolicyError(f"{policy_dir}/{m.name}: no `package a.b.c` line (a dotted package name is needed)")
+        packages.add(found[1].replace(".", "/"))
+    for root in sorted(packages):
+        for reserved in RESERVED_ROOTS:
+            if root == reserved or reserved.startswith(root + "/") or root.startswith(reserved + "/"):
+                name = next(m.name for m in modules if (f := _PACKAGE.search(m.text)) and f[1] == root.replace("/", "."))
+                raise PolicyError(f"{policy_dir}/{name}: package {root.replace('/', '.')} would own "
+                                  f"data.{reserved.replace('/', '.')}, which is not the policy's; "
+                                  "use another package (e.g. greymesh.authz)")
+    # OPA refuses overlapping roots within a manifest: a package inside another is covered by it.
+    return sorted(r for r in packages if not any(r.startswith(o + "/") for o in packages))
+
+
+def bundle_bytes(modules: tuple[Module, ...], manifest: Mapping[str, Any]) -> bytes:
+    """The bundle (tar.gz) of the modules, each at its name, with manifest as its .manifest."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for name, data in ((".manifest", json.dumps(manifest).encode()), *((m.name, m.text.encode()) for m in modules)):
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.mtime = len(data), 0o600, 0
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def placeholder_bundle(bundle: Path) -> None:
+    """Put an empty bundle (revision "", no module) at ``bundle`` unless one is there, so
+    OPA can start with it; the first push (the runtime's, :func:`restore`) replaces it."""
+    if not bundle.exists():
+        _write_bundle(bundle, bundle_bytes((), {"revision": "", "roots": list(PLACEHOLDER_ROOTS)}))
+
+
+def _write_bundle(bundle: Path, data: bytes) -> None:
+    """Replace the bundle in one rename (OPA reloads the old file or the new one, never half)."""
+    bundle.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd, tmp = tempfile.mkstemp(dir=bundle.parent, prefix=".bundle-")  # 0600; OPA loads only `bundle`
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.replace(tmp, bundle)
 
 
 # --- the opa binary ---------------------------------------------------------------
@@ -137,68 +203,40 @@ def check(policy_dir: Path) -> None:
 # --- OPA's REST API ---------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _opa(opa_url: str) -> Iterator[OpaClient]:
-    """A client for OPA at opa_url; the client's failures become OpaUnavailable."""
-    import requests
-    from opa_client import OpaClient
-    from opa_client.errors import ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError
-
-    url = urlsplit(opa_url)
-    if url.hostname is None or url.port is None:
-        raise OpaUnavailable(f"not an OPA URL (want http://host:port): {opa_url}")
+def _rest(api: OpaApi, path: str, body: dict | None = None, *, method: str | None = None) -> dict:
+    """One request to OPA's REST API with the client's token; failures become OpaUnavailable."""
     try:
-        with OpaClient(host=url.hostname, port=url.port, ssl=url.scheme == "https", timeout=OPA_TIMEOUT_S) as client:
-            yield client
-    except (requests.RequestException, ConnectionsError, DeletePolicyError, PolicyNotFoundError, RegoParseError) as exc:
-        # The client raises HTTPError without OPA's explanation; it is in the response body.
-        body = exc.response.text if isinstance(exc, requests.HTTPError) and exc.response is not None else ""
-        raise OpaUnavailable(f"OPA at {opa_url} unreachable or failing: {exc} {body}".strip()) from exc
+        return jsonhttp.call(f"{api.url}{path}", body, token=api.token, method=method, timeout_s=OPA_TIMEOUT_S)
+    except jsonhttp.ApiError as exc:
+        if exc.status == 401:
+            raise OpaUnavailable(f"OPA at {api.url} refused {method or 'GET'} {path.split('?')[0]}: this client's "
+                                 "token is not one OPA's authorization policy allows there") from None
+        raise OpaUnavailable(f"OPA at {api.url} failed {method or 'GET'} {path.split('?')[0]}: {exc}") from None
+    except jsonhttp.Unreachable as exc:
+        raise OpaUnavailable(f"OPA at {api.url} unreachable or failing: {exc}") from None
 
 
-def _opa_errors(exc: RegoParseError, policy_dir: Path) -> str:
-    """OPA's compile errors as `file:line: code: message` lines.  OPA names a module by
-    its policy ID: ours are shown as their files, others as `opa:<id>`."""
-    prefix = MODULE_PREFIX
-    lines = []
-    for err in exc.errors or [{"code": exc.expression, "message": exc.message}]:
-        line = f"{err.get('code')}: {err.get('message')}"
-        loc = err.get("location") or {}
-        if file := loc.get("file"):
-            where = f"{policy_dir}/{file.removeprefix(prefix)}" if file.startswith(prefix) else f"opa:{file}"
-            line = f"{where}:{loc.get('row', '?')}: {line}"
-        lines.append(line)
-    return "\n".join(lines)
+def running_manifest(api: OpaApi, bundle: Path) -> dict[str, Any]:
+    """The manifest of the bundle at ``bundle`` as OPA activated it; OpaUnavailable when OPA
+    was not started with that bundle (it would never see a push there)."""
+    bundles = _rest(api, "/v1/data/system/bundles").get("result") or {}
+    for name, info in bundles.items():
+        if Path(name).resolve() == bundle.resolve():
+            return dict(info.get("manifest") or {})
+    raise OpaUnavailable(f"OPA at {api.url} does not load the policy bundle {bundle} (it loads "
+                         f"{', '.join(sorted(bundles)) or 'none'}); is this the data dir of the mesh that runs it?")
 
 
-def _running_modules(client: OpaClient, policy_dir: Path) -> dict[str, str]:
-    """The modules OPA runs from policy_dir: {name: text}.
-
-    The client's policy list keeps only IDs, so each text is one more GET."""
-    prefix = MODULE_PREFIX
-    return {pid.removeprefix(prefix): client.get_policy(pid)["result"]["raw"]
-            for pid in client.get_policies_list() if pid.startswith(prefix)}
-
-
-def _put_modules(client: OpaClient, modules: tuple[Module, ...], previous: Mapping[str, str], policy_dir: Path) -> None:
-    """PUT each module; if OPA refuses one, restore the ones already replaced and raise PolicyError.
-
-    OPA's REST API has no multi-module transaction; this undo keeps the running
-    policy whole.  rego_compat=False: the client must not rewrite what we push."""
-    from opa_client.errors import RegoParseError
-
-    done: list[Module] = []
-    for module in modules:
-        try:
-            client.update_policy_from_string(module.text, module.id, rego_compat=False)
-        except RegoParseError as exc:
-            for m in reversed(done):
-                if m.name in previous:
-                    client.update_policy_from_string(previous[m.name], m.id, rego_compat=False)
-                else:
-                    client.delete_policy(m.id)
-            raise PolicyError(f"OPA refused {policy_dir}/{module.name}:\n{_opa_errors(exc, policy_dir)}") from None
-        done.append(module)
+def _running_modules(api: OpaApi, bundle: Path) -> dict[str, str]:
+    """The modules OPA runs from the bundle: {name: text}.  A bundle's module ID is its path
+    in the bundle after the bundle's name, which is the path OPA was given."""
+    prefixes = (f"{bundle}/", f"{bundle.resolve()}/")
+    running = {}
+    for policy in _rest(api, "/v1/policies").get("result") or []:
+        pid = policy.get("id", "")
+        if prefix := next((p for p in prefixes if pid.startswith(p)), None):
+            running[pid.removeprefix(prefix)] = policy.get("raw", "")
+    return running
 
 
 def _journal(path: Path, record: dict[str, Any]) -> None:
@@ -207,97 +245,75 @@ def _journal(path: Path, record: dict[str, Any]) -> None:
         f.write(json.dumps({"version": JOURNAL_VERSION, **record}) + "\n")
 
 
-def push(opa_url: str, policy_dir: Path, *, actor: str, journal_path: Path, keep_in: Path | None = None) -> PushResult:
-    """Test the local policy and make it the one OPA runs.
+def push(api: OpaApi, bundle: Path, policy_dir: Path, *, actor: str, journal_path: Path) -> PushResult:
+    """Test the local policy and make it the one OPA runs, from the bundle file ``bundle``.
 
     Refuses (PolicyError; nothing in OPA changes) a policy that does not compile, whose
-    tests fail, or that OPA itself refuses.  On success the modules are replaced,
-    modules deleted locally are removed from OPA, and data.greymesh.policy says what runs.
-    Every attempt is journalled: who, when, the policy's sha256 and the outcome.
-    ``keep_in``: a folder that then holds a copy of the pushed files (tests included),
-    so that a restarted OPA can be given the same policy again (:func:`restore`)."""
+    tests fail, whose package would own a reserved path, or that OPA does not activate
+    (the previous bundle file is put back).  Returns once OPA runs the pushed revision.
+    Every attempt is journalled: who, when, the policy's sha256 and the outcome."""
     policy_dir = Path(policy_dir)
     pushed_at = datetime.now(UTC).isoformat(timespec="seconds")
-    record: dict[str, Any] = {"at": pushed_at, "actor": actor, "opa": opa_url,
+    record: dict[str, Any] = {"at": pushed_at, "actor": actor, "opa": api.url,
                               "policy_dir": str(policy_dir.resolve())}
     try:
         modules = load_policy(policy_dir)
         record |= {"sha256": policy_hash(modules), "modules": [m.name for m in modules]}
+        roots = bundle_roots(modules, policy_dir)
         check(policy_dir)
         ok, report = run_tests(policy_dir, verbose=False)
         if not ok:
             raise PolicyError(f"{policy_dir}: the policy's tests fail:\n{report.strip()}")
-        meta = {"hash": record["sha256"], "pushed_by": actor, "pushed_at": pushed_at}
-        _install(opa_url, modules, meta, policy_dir)
+        manifest = {"revision": record["sha256"], "roots": roots,
+                    "metadata": {"pushed_by": actor, "pushed_at": pushed_at}}
+        _activate(api, bundle, bundle_bytes(modules, manifest), manifest)
     except (PolicyError, OpaUnavailable) as exc:
         outcome = "refused" if isinstance(exc, PolicyError) else "failed"
         _journal(journal_path, record | {"outcome": outcome, "error": str(exc)})
         raise
     _journal(journal_path, record | {"outcome": "pushed"})
-    if keep_in is not None and keep_in.resolve() != policy_dir.resolve():
-        _keep_copy(policy_dir, keep_in, meta)
     return PushResult(record["sha256"], tuple(record["modules"]), actor, pushed_at)
 
 
-def _install(opa_url: str, modules: tuple[Module, ...], meta: dict[str, str], policy_dir: Path) -> None:
-    """Make ``modules`` what OPA runs (the others of ours removed) and ``meta`` what it says it runs."""
-    with _opa(opa_url) as client:
-        previous = _running_modules(client, policy_dir)
-        _put_modules(client, modules, previous, policy_dir)
-        for name in previous.keys() - {m.name for m in modules}:
-            client.delete_policy(module_id(name))
-        client.update_or_create_data(meta, POLICY_META_PATH)
+def _activate(api: OpaApi, bundle: Path, data: bytes, manifest: Mapping[str, Any]) -> None:
+    """Write the bundle and wait until OPA runs it; put the previous file back if OPA does not."""
+    running_manifest(api, bundle)  # OPA answers, with this bundle: only then is the file replaced
+    previous = bundle.read_bytes() if bundle.exists() else None
+    _write_bundle(bundle, data)
+    deadline = time.monotonic() + BUNDLE_LOAD_TIMEOUT_S
+    while not _runs(running_manifest(api, bundle), manifest):
+        if time.monotonic() > deadline:
+            if previous is not None:
+                _write_bundle(bundle, previous)
+            raise PolicyError(f"OPA at {api.url} did not activate the pushed bundle within {BUNDLE_LOAD_TIMEOUT_S:.0f} s "
+                              "(its log says why); the previous policy was put back and keeps deciding")
+        time.sleep(0.02)
 
 
-def _keep_copy(policy_dir: Path, dest: Path, meta: dict[str, str]) -> None:
-    """Replace dest with the .rego files of policy_dir and the push's meta, in one rename."""
-    staging = dest.with_name(dest.name + ".new")
-    shutil.rmtree(staging, ignore_errors=True)
-    for src in policy_dir.rglob("*.rego"):
-        target = staging / src.relative_to(policy_dir)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, target)
-    (staging / KEPT_META).write_text(json.dumps(meta))
-    shutil.rmtree(dest, ignore_errors=True)
-    staging.rename(dest)
+def _runs(running: Mapping[str, Any], manifest: Mapping[str, Any]) -> bool:
+    return running.get("revision") == manifest["revision"] and running.get("metadata") == manifest["metadata"]
 
 
-def restore(opa_url: str, kept: Path, *, default: Path, actor: str, journal_path: Path) -> PushResult | None:
-    """Give an OPA that runs no pushed policy (just started, or restarted) the one last
-    pushed, kept in ``kept`` by :func:`push`, or ``default`` when nothing was ever pushed.
-
-    Does nothing (None) when OPA already runs a pushed policy.  The kept policy passed the
-    gate (check and tests) when it was pushed, so it is installed as it is, with the meta
-    of that push (its hash is what decisions carry), and journalled as ``restored``: a
-    fail-closed mesh denies every request until OPA has its policy again.  ``default`` goes
-    through the gate like any push."""
-    try:
-        meta = jsonhttp.get(f"{opa_url}/v1/data/{POLICY_META_PATH}", timeout_s=OPA_TIMEOUT_S).get("result")
-    except (jsonhttp.ApiError, jsonhttp.Unreachable) as exc:
-        raise OpaUnavailable(f"OPA at {opa_url} unreachable or failing: {exc}") from None
-    if meta:
-        return None
-    if not (kept / KEPT_META).is_file():
-        return push(opa_url, default, actor=actor, journal_path=journal_path, keep_in=kept)
-    meta = json.loads((kept / KEPT_META).read_text())
-    modules = load_policy(kept)
-    record = {"at": datetime.now(UTC).isoformat(timespec="seconds"), "actor": actor, "opa": opa_url,
-              "policy_dir": str(kept.resolve()), "sha256": policy_hash(modules), "modules": [m.name for m in modules]}
-    try:
-        _install(opa_url, modules, meta, kept)
-    except (PolicyError, OpaUnavailable) as exc:
-        _journal(journal_path, record | {"outcome": "failed", "error": str(exc)})
-        raise
-    _journal(journal_path, record | {"outcome": "restored", "pushed_by": meta["pushed_by"]})
-    return PushResult(meta["hash"], tuple(record["modules"]), meta["pushed_by"], meta["pushed_at"])
+def restore(api: OpaApi, bundle: Path, *, default: Path, actor: str, journal_path: Path) -> PushResult:
+    """What the runtime runs whenever OPA (re)starts: OPA loads the bundle of the last push
+    from ``bundle`` itself; this journals that (outcome ``restored``), or, when nothing was
+    ever pushed (the placeholder bundle), pushes ``default`` through the gate like any push."""
+    manifest = running_manifest(api, bundle)
+    if not manifest.get("revision"):
+        return push(api, bundle, default, actor=actor, journal_path=journal_path)
+    meta = manifest.get("metadata") or {}
+    modules = sorted(_running_modules(api, bundle))
+    _journal(journal_path, {"at": datetime.now(UTC).isoformat(timespec="seconds"), "actor": actor, "opa": api.url,
+                            "policy_dir": str(bundle.resolve()), "sha256": manifest["revision"], "modules": modules,
+                            "outcome": "restored", "pushed_by": meta.get("pushed_by", "")})
+    return PushResult(manifest["revision"], tuple(modules), meta.get("pushed_by", ""), meta.get("pushed_at", ""))
 
 
-def diff(opa_url: str, policy_dir: Path) -> str:
+def diff(api: OpaApi, bundle: Path, policy_dir: Path) -> str:
     """Unified diff from what OPA runs to the local files; "" when they are the same."""
     policy_dir = Path(policy_dir)
     local = {m.name: m.text for m in load_policy(policy_dir)}
-    with _opa(opa_url) as client:
-        running = _running_modules(client, policy_dir)
+    running = _running_modules(api, bundle)
     chunks: list[str] = []
     for name in sorted(local.keys() | running.keys()):
         chunks += difflib.unified_diff(_lines(running.get(name, "")), _lines(local.get(name, "")),
@@ -310,13 +326,14 @@ def _lines(text: str) -> list[str]:
     return [line if line.endswith("\n") else line + "\n" for line in text.splitlines(keepends=True)]
 
 
-def evaluate(opa_url: str, input_doc: Mapping[str, Any]) -> dict[str, Any]:
-    """The decision OPA gives for input_doc: {"allow", "reason", "policy_hash"}."""
-    with _opa(opa_url) as client:
-        answer = client.query_rule(input_data=dict(input_doc), package_path=DECISION_PATH.replace("/", "."))
+def evaluate(api: OpaApi, input_doc: Mapping[str, Any]) -> dict[str, Any]:
+    """The decision OPA gives for input_doc: {"allow", "reason", "policy_hash"}, the hash
+    being the revision of the policy bundle OPA reports it decided with (not the policy's word)."""
+    answer = _rest(api, f"/v1/data/{DECISION_PATH}?provenance=true", {"input": dict(input_doc)}, method="POST")
     if "result" not in answer:
-        raise OpaUnavailable(f"OPA at {opa_url} has no {DECISION_PATH}: push a policy (`greymesh policy push`)")
-    return answer["result"]
+        raise OpaUnavailable(f"OPA at {api.url} has no {DECISION_PATH}: push a policy (`greymesh policy push`)")
+    bundles = (answer.get("provenance") or {}).get("bundles")
+    return {**answer["result"], "policy_hash": policy_hash_of(bundles)}
 
 
 # --- mesh data ------------------------------------------------------------------------
@@ -378,30 +395,35 @@ def _strings(value: object) -> bool:
     return isinstance(value, list) and all(isinstance(v, str) for v in value)
 
 
-def push_mesh_data(opa_url: str, doc: Mapping[str, Any]) -> None:
+def push_mesh_data(api: OpaApi, doc: Mapping[str, Any]) -> None:
     """Replace data.greymesh.mesh; a malformed document is refused (PolicyError) before OPA sees it."""
     if problems := mesh_data_problems(doc):
         raise PolicyError("mesh data refused:\n" + "\n".join(problems))
-    with _opa(opa_url) as client:
-        client.update_or_create_data(dict(doc), MESH_DATA_PATH)
+    _rest(api, f"/v1/data/{MESH_DATA_PATH}", dict(doc), method="PUT")
+
+
+def running_mesh_data(api: OpaApi) -> object:
+    """data.greymesh.mesh as OPA holds it (None when it holds none)."""
+    return _rest(api, f"/v1/data/{MESH_DATA_PATH}").get("result")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m controlplane.policy`: restore OPA's policy (what the runtime runs whenever OPA becomes ready)."""
+    """`python -m controlplane.policy`: what the runtime runs whenever OPA becomes ready (see restore)."""
     p = argparse.ArgumentParser(prog="python -m controlplane.policy", description=restore.__doc__)
     p.add_argument("--opa-url", required=True)
-    p.add_argument("--kept", type=Path, required=True, help="the copy of the last push (the data dir's policy/active)")
-    p.add_argument("--default", type=Path, default=POLICY_DIR, help="pushed when nothing was kept (default: %(default)s)")
+    p.add_argument("--opa-token-file", type=Path, required=True, help="the control plane's token for OPA (0600)")
+    p.add_argument("--bundle", type=Path, required=True, help="the policy bundle OPA loads (the data dir's)")
+    p.add_argument("--default", type=Path, default=POLICY_DIR, help="pushed when nothing was (default: %(default)s)")
     p.add_argument("--journal", type=Path, required=True)
     args = p.parse_args(argv)
     try:
-        result = restore(args.opa_url, args.kept, default=args.default, actor=f"{getpass.getuser()} (greymesh runtime)",
+        api = OpaApi.with_token_file(args.opa_url, args.opa_token_file)
+        result = restore(api, args.bundle, default=args.default, actor=f"{getpass.getuser()} (greymesh runtime)",
                          journal_path=args.journal)
-    except (PolicyError, OpaUnavailable) as exc:
+    except (PolicyError, OpaUnavailable, credentials.CredentialError) as exc:
         print(f"{exc.prefix}: {exc}", file=sys.stderr)
         return exc.exit_code
-    print("OPA already runs a pushed policy" if result is None else
-          f"pushed {len(result.modules)} module(s), sha256 {result.policy_hash[:12]}")
+    print(f"OPA runs {len(result.modules)} module(s), sha256 {result.policy_hash[:12]}, pushed by {result.pushed_by}")
     return 0
 
 

@@ -143,10 +143,29 @@ ROLLUP_FIELDS: tuple[str, ...] = (
 WINDOW_SECONDS = 10
 
 # OPA: the rule the authorization bridge asks (also the `path` of its decision-log
-# entries), the mesh data the control plane keeps in sync, and what a push records.
+# entries), the mesh data the control plane keeps in sync, and the file name of the bundle
+# a push gives OPA (its manifest's revision is the sha256 of the pushed modules).
 DECISION_PATH = "greymesh/authz/decision"
 MESH_DATA_PATH = "greymesh/mesh"
-POLICY_META_PATH = "greymesh/policy"
+POLICY_BUNDLE_FILE = "greymesh-policy.tar.gz"
+
+
+def policy_hash_of(bundles: object) -> str:
+    """The hash of the policy that made a decision: the revision of the policy bundle among
+    the ``bundles`` OPA reports with it (``{name: {"revision": ...}}``, a name being the
+    bundle's path); "" when OPA ran none.  OPA sets it from what it loaded, so no rule of
+    the policy can change it.  ValueError when ``bundles`` is not of that shape."""
+    if bundles is None:
+        return ""
+    if not isinstance(bundles, dict):
+        raise ValueError(f"bundles: {type(bundles).__name__}, not an object")
+    for name, info in bundles.items():
+        if str(name).rsplit("/", 1)[-1] == POLICY_BUNDLE_FILE:
+            revision = info.get("revision", "") if isinstance(info, dict) else None
+            if not isinstance(revision, str):
+                raise ValueError(f"bundles.{name}.revision: not a string")
+            return revision
+    return ""
 
 
 def topic(layer: Layer) -> str:

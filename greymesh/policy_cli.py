@@ -9,13 +9,19 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from controlplane.policy import POLICY_DIR, PolicyError, diff, evaluate, push, run_tests
+from controlplane.policy import POLICY_DIR, OpaApi, PolicyError, diff, evaluate, push, run_tests
 from core.datadir import DataDir
 from core.endpoints import OPA_HTTP, Endpoints
+from greymesh.runtime import opa
 
 
-def _opa_url(data_dir: Path) -> str:
-    return Endpoints.require(DataDir(data_dir), OPA_HTTP, "OPA").url(OPA_HTTP)
+def _opa(data_dir: Path) -> tuple[OpaApi, Path]:
+    """The data dir's OPA, with the control plane's token (the CLI is its operator), and
+    the policy bundle that OPA runs."""
+    dd = DataDir(data_dir)
+    url = Endpoints.require(dd, OPA_HTTP, "OPA").url(OPA_HTTP)
+    files = opa.files(dd)
+    return OpaApi.with_token_file(url, files.admin_token), files.policy_bundle
 
 
 def register(subparsers: argparse._SubParsersAction,
@@ -49,16 +55,16 @@ def _test(args: argparse.Namespace) -> int:
 
 def _push(args: argparse.Namespace) -> int:
     dd = DataDir(args.data_dir)
-    result = push(_opa_url(args.data_dir), args.dir, actor=getpass.getuser(), journal_path=dd.policy_journal,
-                  keep_in=dd.active_policy)
+    api, bundle = _opa(args.data_dir)
+    result = push(api, bundle, args.dir, actor=getpass.getuser(), journal_path=dd.policy_journal)
     print(f"pushed {args.dir} ({len(result.modules)} module(s), sha256 {result.policy_hash[:12]}) "
           f"as {result.pushed_by}; journal {dd.policy_journal}")
     return 0
 
 
 def _diff(args: argparse.Namespace) -> int:
-    url = _opa_url(args.data_dir)
-    print(diff(url, args.dir) or f"OPA at {url} runs exactly {args.dir}\n", end="")
+    api, bundle = _opa(args.data_dir)
+    print(diff(api, bundle, args.dir) or f"OPA at {api.url} runs exactly {args.dir}\n", end="")
     return 0
 
 
@@ -67,5 +73,5 @@ def _eval(args: argparse.Namespace) -> int:
         doc = json.loads(args.input.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise PolicyError(f"{args.input}: cannot read a JSON input document: {exc}") from exc
-    print(json.dumps(evaluate(_opa_url(args.data_dir), doc), indent=2))
+    print(json.dumps(evaluate(_opa(args.data_dir)[0], doc), indent=2))
     return 0

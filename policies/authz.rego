@@ -8,9 +8,10 @@
 #   input.parsed_path                        path segments without the query: /charge/42?x=1 -> ["charge", "42"]
 #   input.attributes.context_extensions      {"greymesh.hop": "ingress", "greymesh.service": <entrypoint>} at the ingress
 #   input.attributes.metadata_context        at the ingress: the verified JWT's claims (see jwt_claims)
-# It reads two documents the control plane pushes (shapes in policies/README.md):
+# It reads the document the control plane keeps in sync (shape in policies/README.md):
 #   data.greymesh.mesh     services, their SPIFFE IDs, tags and calls (from mesh.yaml)
-#   data.greymesh.policy   {hash, pushed_by, pushed_at} of the running policy
+# The hash of the policy that decided is not the policy's to say: OPA reports the revision
+# of the bundle it loaded (`greymesh policy push` sets it) with every decision.
 #
 # Deny by default: a request is allowed only along an edge the mesh declares, and
 # only when no rule in `deny` objects. Every reason to refuse is a `deny` entry, a
@@ -19,7 +20,7 @@ package greymesh.authz
 
 # --- the decision ---------------------------------------------------------------
 
-decision := {"allow": allow, "reason": reason, "policy_hash": policy_hash}
+decision := {"allow": allow, "reason": reason}
 
 default allow := false
 
@@ -49,11 +50,6 @@ reason := sprintf("the ingress admits %s %s to %s", [method, request_path, ingre
 }
 
 reason := concat("; ", sort(deny)) if count(deny) > 0
-
-# "" until the policy arrives through `greymesh policy push` (e.g. loaded at OPA's start).
-default policy_hash := ""
-
-policy_hash := data.greymesh.policy.hash
 
 # --- the mesh, indexed ------------------------------------------------------------
 

@@ -55,7 +55,7 @@ req(from, to, method, path) := {
 call(from, to, method, path) := req(id(from), id(to), method, path)
 
 decide(doc) := d if {
-	d := authz.decision with input as doc with data.greymesh.mesh as mesh with data.greymesh.policy as {"hash": "h1"}
+	d := authz.decision with input as doc with data.greymesh.mesh as mesh
 }
 
 reasons(doc) := r if {
@@ -66,8 +66,8 @@ allowed(doc) if decide(doc).allow
 
 # --- declared edges -------------------------------------------------------------
 
-test_a_declared_edge_is_allowed_with_a_reason_and_the_policy_hash if {
-	decide(call("frontend", "orders", "GET", "/")) == {"allow": true, "reason": "frontend may call orders", "policy_hash": "h1"}
+test_a_declared_edge_is_allowed_with_a_reason if {
+	decide(call("frontend", "orders", "GET", "/")) == {"allow": true, "reason": "frontend may call orders"}
 }
 
 test_an_edge_without_rules_allows_any_method_and_path if {
@@ -147,7 +147,6 @@ test_an_empty_input_is_denied_with_a_decision if {
 test_without_mesh_data_everything_is_denied if {
 	d := authz.decision with input as call("frontend", "orders", "GET", "/")
 	d.allow == false
-	d.policy_hash == ""
 	contains(d.reason, "is not a service of this mesh")
 }
 

@@ -59,7 +59,7 @@ class AuditRecord:
     path: str  # without the query string, which may carry secrets
     allow: bool
     reason: str
-    policy_hash: str  # sha256 of the policy that decided ("" for one not pushed by greymesh)
+    policy_hash: str  # sha256 of the policy that decided, as OPA reports it ("" before any push)
     schema: str = SCHEMA
     version: int = SCHEMA_VERSION
 
@@ -89,11 +89,13 @@ class AuditRecord:
         result = entry.get("result")
         if result is None:  # evaluation failed; the bridge denied the request
             error = _field(entry, ("error", "message"), "no result")
-            allow, reason, policy_hash = False, f"no decision: {error}", ""
+            allow, reason = False, f"no decision: {error}"
         else:
             allow = _field(result, ("allow",), None, bool)
             reason = _field(result, ("reason",), "")
-            policy_hash = _field(result, ("policy_hash",), "")
+        # The revision of the bundle OPA decided with, which `greymesh policy push` sets to the
+        # policy's sha256; never a value of the decision, which the policy could make up.
+        policy_hash = contracts.policy_hash_of(_field(entry, ("bundles",), {}, dict))
         time = _field(entry, ("timestamp",), None)
         try:
             datetime.fromisoformat(time)

@@ -50,6 +50,7 @@ TIERS: dict[str, str] = {
     "test_kafka_broker.py": INTEGRATION,  # a real Kafka (KRaft)
     "test_mtls_envoy.py": INTEGRATION,  # two real Envoys on our in-process ADS (one unit test too)
     "test_policies.py": INTEGRATION,    # a real OPA
+    "test_security_opa.py": INTEGRATION,  # attacks on a real OPA: its API obeys the control plane only; the hash is OPA's
     "test_store.py": INTEGRATION,       # chdb, and a real ClickHouse server
     "test_security_query.py": INTEGRATION,  # the query sandbox's attacks on chdb and a real ClickHouse server
     "test_supervisor.py": INTEGRATION,  # our supervisor daemon over real child processes, killed and restarted

@@ -1,8 +1,9 @@
 """The authorization policy's lifecycle against a real OPA, and its decision logs.
 
 Each test starts its own OPA (loopback, a free port) the way the runtime does
-(tapstream.decisionlog.opa_argv/opa_config), loaded with its own copy of policies/,
-reporting decisions to an in-process receiver; both are always stopped.
+(tests/support/opa.py: token authentication, the system bundle, the policy bundle), with
+its own copy of policies/ to push, reporting decisions to an in-process receiver; both are
+always stopped.
 Inputs are built by the ext_authz bridge's own opa_input from Envoy CheckRequests,
 so these tests also hold the policy to the bridge's input shape.
 """
@@ -16,6 +17,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.error
@@ -32,16 +34,21 @@ from envoy.service.auth.v3 import external_auth_pb2 as authz_pb2
 from controlplane import policy
 from controlplane.authz import opa_input
 from controlplane.meshspec import load_spec
+from core import credentials, jsonhttp
+from core.contracts import POLICY_BUNDLE_FILE
 from core.datadir import DataDir
 from core.installs import opa_binary, pinned_versions
+from core.jsonhttp import CLI, Credential
 from greymesh.cli import main as greymesh_main
-from greymesh.runtime.opa import opa_argv, opa_config
-from tapstream.decisionlog import AuditRecord, DecisionLogReceiver
+from greymesh.runtime.opa import files as opa_files
+from greymesh.runtime.opa import opa_argv
+from greymesh.runtime.workloads import DECISIONLOG_TOKEN
+from tapstream.decisionlog import OPA, AuditRecord, DecisionLogReceiver, receiver_access
 from tests.support.mesh import DEMO_SPEC
 from tests.support.net import free_port
+from tests.support.opa import RunningOpa, running_opa
 
-START_TIMEOUT_S = 20.0
-DELIVERY_TIMEOUT_S = 8.0  # OPA reports every second (opa_config)
+DELIVERY_TIMEOUT_S = 8.0  # OPA reports every second (greymesh.runtime.opa.opa_config)
 
 
 def sid(name: str) -> str:
@@ -102,18 +109,39 @@ class JsonlSink:
 
 @dataclass
 class Opa:
-    url: str
-    policy_dir: Path  # this test's copy of policies/, which OPA loaded at start
+    server: RunningOpa
+    policy_dir: Path  # this test's copy of policies/, to push
     journal: Path
     audit_log: Path  # where the decision-log receiver's JsonlSink appends
-    receiver: DecisionLogReceiver
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def api(self) -> policy.OpaApi:
+        return self.server.admin
+
+    @property
+    def bundle(self) -> Path:
+        return self.server.files.policy_bundle
+
+    @property
+    def receiver(self) -> DecisionLogReceiver:
+        return self.server.receiver
 
     def push(self) -> policy.PushResult:
-        return policy.push(self.url, self.policy_dir, actor="alice", journal_path=self.journal)
+        return policy.push(self.api, self.bundle, self.policy_dir, actor="alice", journal_path=self.journal)
+
+    def diff(self) -> str:
+        return policy.diff(self.api, self.bundle, self.policy_dir)
+
+    def running(self) -> dict:
+        return policy.running_manifest(self.api, self.bundle)
 
     def decide(self, caller: str, callee: str, method: str = "GET", path: str = "/") -> dict:
         """The decision on a call between services of MESH ("" caller: no certificate)."""
-        return policy.evaluate(self.url, request(sid(caller) if caller else "", sid(callee), method, path))
+        return policy.evaluate(self.api, request(sid(caller) if caller else "", sid(callee), method, path))
 
     def edit(self, old: str, new: str, name: str = "authz.rego") -> Path:
         path = self.policy_dir / name
@@ -129,47 +157,19 @@ class Opa:
         return [json.loads(line) for line in self.audit_log.read_text().splitlines()] if self.audit_log.exists() else []
 
     def get(self, data_path: str) -> object:
-        with urllib.request.urlopen(f"{self.url}/v1/data/{data_path}", timeout=5) as resp:
-            return json.load(resp).get("result")
+        return jsonhttp.get(f"{self.url}/v1/data/{data_path}", token=self.api.token).get("result")
 
 
 @pytest.fixture
 def opa(tmp_path: Path) -> Iterator[Opa]:
-    binary = opa_binary()
-    assert binary.exists(), f"no OPA at {binary}: run deploy/install.sh"
     policy_dir = tmp_path / "policies"
     shutil.copytree(policy.POLICY_DIR, policy_dir, ignore=shutil.ignore_patterns("*.md"))
     sink = JsonlSink(tmp_path / "audit.jsonl")
-    receiver = DecisionLogReceiver(sink).start()
-    config = tmp_path / "opa-config.json"
-    config.write_text(json.dumps(opa_config(receiver.url)))
-    port = free_port()
-    log = (tmp_path / "opa.log").open("wb")
-    proc = subprocess.Popen(opa_argv(binary, f"127.0.0.1:{port}", config), stdout=log, stderr=log)
     try:
-        url = f"http://127.0.0.1:{port}"
-
-        def healthy() -> bool:
-            if proc.poll() is not None:
-                pytest.fail(f"OPA exited ({proc.returncode}): {(tmp_path / 'opa.log').read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=1) as resp:
-                    return resp.status == 200
-            except OSError:
-                return False
-
-        wait_for("OPA to serve", healthy, START_TIMEOUT_S)
-        policy.push_mesh_data(url, MESH)
-        yield Opa(url, policy_dir, tmp_path / "journal.jsonl", sink.path, receiver)
+        with running_opa(tmp_path / "mesh", sink) as server:
+            policy.push_mesh_data(server.admin, MESH)
+            yield Opa(server, policy_dir, tmp_path / "journal.jsonl", sink.path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-        log.close()
-        receiver.stop()
         sink.close()
 
 
@@ -195,24 +195,28 @@ def test_the_policys_own_unit_tests_pass():
 
 
 def test_a_fresh_opa_decides_nothing_until_a_push_from_any_checkout_replaces_it_in_place(opa: Opa, tmp_path: Path):
-    assert "+package greymesh.authz" in policy.diff(opa.url, opa.policy_dir)  # runs nothing yet
+    assert "+package greymesh.authz" in opa.diff()  # runs nothing yet
+    assert opa.running()["revision"] == ""  # the placeholder bundle the runtime starts OPA with
     with pytest.raises(Exception):
         opa.decide("frontend", "orders")  # undefined: the bridge fails closed on it
     result = opa.push()
-    assert policy.diff(opa.url, opa.policy_dir) == ""
+    assert opa.diff() == ""
     assert opa.decide("frontend", "orders")["policy_hash"] == result.policy_hash
     elsewhere = tmp_path / "other-checkout" / "policies"
     shutil.copytree(opa.policy_dir, elsewhere)
-    again = policy.push(opa.url, elsewhere, actor="bob", journal_path=opa.journal)
+    again = policy.push(opa.api, opa.bundle, elsewhere, actor="bob", journal_path=opa.journal)
     assert again.policy_hash == result.policy_hash  # same files, same hash, no conflicting copy
-    assert policy.diff(opa.url, opa.policy_dir) == ""
+    assert opa.diff() == ""
+    assert opa.running()["metadata"]["pushed_by"] == "bob"
 
 
 def test_a_pushed_policy_allows_declared_edges_and_denies_the_rest_with_reasons(opa: Opa):
     result = opa.push()
-    assert result.modules == ("authz.rego",) and result.pushed_by == "alice"
-    assert opa.get("greymesh/policy") == {"hash": result.policy_hash, "pushed_by": "alice",
-                                          "pushed_at": result.pushed_at}
+    modules = policy.load_policy(opa.policy_dir)
+    assert "authz.rego" in result.modules and result.modules == tuple(m.name for m in modules)
+    assert result.pushed_by == "alice"
+    assert opa.running() == {"revision": result.policy_hash, "roots": policy.bundle_roots(modules, opa.policy_dir),
+                             "metadata": {"pushed_by": "alice", "pushed_at": result.pushed_at}}
 
     assert opa.decide("frontend", "orders") == {"allow": True, "reason": "frontend may call orders",
                                                 "policy_hash": result.policy_hash}
@@ -232,12 +236,12 @@ def test_a_pushed_policy_allows_declared_edges_and_denies_the_rest_with_reasons(
 def test_the_demo_mesh_spec_becomes_mesh_data_the_policy_decides_on(opa: Opa):
     doc = policy.mesh_data(load_spec(DEMO_SPEC))
     assert policy.mesh_data_problems(doc) == []
-    policy.push_mesh_data(opa.url, doc)
+    policy.push_mesh_data(opa.api, doc)
     opa.push()
 
     def decide(caller: str, callee: str) -> dict:
         ids = doc["services"]
-        return policy.evaluate(opa.url, request(ids[caller]["spiffe_id"], ids[callee]["spiffe_id"]))
+        return policy.evaluate(opa.api, request(ids[caller]["spiffe_id"], ids[callee]["spiffe_id"]))
 
     assert decide("frontend", "orders")["allow"] and decide("orders", "payments")["allow"]
     assert decide("payments", "orders")["reason"] == "payments may not call orders: not in its callers"
@@ -248,14 +252,13 @@ def test_malformed_mesh_data_is_refused_before_it_reaches_opa(opa: Opa):
     bad = {"services": {"a": {"spiffe_id": sid("a")},
                         "b": {"spiffe_id": sid("a"), "calls": {"a": {"path_prefixes": ["x"]}}}}}
     with pytest.raises(policy.PolicyError) as refused:
-        policy.push_mesh_data(opa.url, bad)
+        policy.push_mesh_data(opa.api, bad)
     assert f"services.b.spiffe_id: {sid('a')} is also a's" in str(refused.value)
     assert "services.b.calls.a.path_prefixes: each must start with /" in str(refused.value)
     assert opa.get("greymesh/mesh") == MESH
 
     # Why: with two services behind one SPIFFE ID, OPA cannot decide at all.
-    put = urllib.request.Request(f"{opa.url}/v1/data/greymesh/mesh", data=json.dumps(bad).encode(), method="PUT")
-    urllib.request.urlopen(put, timeout=5).close()
+    jsonhttp.call(f"{opa.url}/v1/data/greymesh/mesh", bad, token=opa.api.token, method="PUT")
     with pytest.raises(policy.OpaUnavailable, match="eval_conflict_error"):
         opa.decide("a", "b")
 
@@ -285,25 +288,29 @@ def test_a_policy_whose_tests_fail_is_refused_and_not_pushed(opa: Opa):
     assert "tests fail" in str(refused.value)
     assert "test_pci_services_cannot_be_called_by_untagged_services_even_on_a_declared_edge: FAIL" in str(refused.value)
     assert opa.decide("reporting", "payments")["allow"] is False  # the running pci rule still holds
-    assert opa.get("greymesh/policy")["hash"] == good.policy_hash
-    assert policy.diff(opa.url, opa.policy_dir) != ""
+    assert opa.running()["revision"] == good.policy_hash
+    assert opa.diff() != ""
 
 
-def test_a_module_opa_refuses_undoes_the_modules_already_replaced(opa: Opa):
-    """Modules go in one by one; when OPA refuses a later one, the earlier ones are put back."""
-    opa.push()
-    foreign = b"package greymesh.authz\n\ndefault extra := 1\n"
-    put = urllib.request.Request(f"{opa.url}/v1/policies/foreign", data=foreign, method="PUT")
-    urllib.request.urlopen(put, timeout=5).close()
-    opa.edit("default allow := false\n", "default allow := false\n\n# changed\n")  # authz.rego goes in first ...
-    (opa.policy_dir / "extra.rego").write_text("package greymesh.authz\n\ndefault extra := 2\n")  # ... this clashes
+def test_a_package_that_would_own_data_the_policy_does_not_own_is_refused_naming_the_file(opa: Opa):
+    """A bundle owns its packages' data paths; none may be the mesh data, OPA's own
+    authorization or its token digests."""
+    good = opa.push()
+    for package in ("greymesh.mesh", "greymesh", "system.authz", "system"):
+        (opa.policy_dir / "extra.rego").write_text(f"package {package}\n\nextra := 1\n")
+        with pytest.raises(policy.PolicyError) as refused:
+            opa.push()
+        assert f"{opa.policy_dir}/extra.rego: package {package} would own data." in str(refused.value), package
+    assert opa.running()["revision"] == good.policy_hash
+    assert opa.get("greymesh/mesh") == MESH
 
-    with pytest.raises(policy.PolicyError) as refused:
-        opa.push()
-    assert f"OPA refused {opa.policy_dir}/extra.rego" in str(refused.value)
-    assert "opa:foreign:1: rego_type_error: multiple default rules data.greymesh.authz.extra" in str(refused.value)
-    running = policy.diff(opa.url, opa.policy_dir)
-    assert "+# changed" in running and "+++ " + f"{opa.policy_dir}/extra.rego" in running
+
+def test_a_push_to_a_bundle_opa_does_not_load_changes_nothing(opa: Opa, tmp_path: Path):
+    elsewhere = tmp_path / "other" / POLICY_BUNDLE_FILE
+    with pytest.raises(policy.OpaUnavailable, match="does not load the policy bundle"):
+        policy.push(opa.api, elsewhere, opa.policy_dir, actor="alice", journal_path=opa.journal)
+    assert not elsewhere.exists() and opa.running()["revision"] == ""
+    assert opa.journal_records()[-1]["outcome"] == "failed"
 
 
 # --- diff and journal --------------------------------------------------------------------
@@ -311,24 +318,26 @@ def test_a_module_opa_refuses_undoes_the_modules_already_replaced(opa: Opa):
 
 def test_diff_is_empty_after_a_push_and_shows_local_changes(opa: Opa):
     opa.push()
-    assert policy.diff(opa.url, opa.policy_dir) == ""
+    assert opa.diff() == ""
 
     opa.edit("default allow := false\n", "default allow := false # deny unless a rule allows\n")
     (opa.policy_dir / "more.rego").write_text("package greymesh.more\n\nx := 1\n")
-    changed = policy.diff(opa.url, opa.policy_dir)
+    changed = opa.diff()
     assert "--- running/authz.rego" in changed and f"+++ {opa.policy_dir}/authz.rego" in changed
     assert "-default allow := false\n+default allow := false # deny unless a rule allows\n" in changed
     assert f"+++ {opa.policy_dir}/more.rego" in changed and "+x := 1\n" in changed
 
     opa.push()
+    assert {"greymesh/authz", "greymesh/more"} <= set(opa.running()["roots"])
     (opa.policy_dir / "more.rego").unlink()
-    assert "-x := 1\n" in policy.diff(opa.url, opa.policy_dir)
+    assert "-x := 1\n" in opa.diff()
     opa.push()  # a module deleted locally leaves OPA too
-    assert policy.diff(opa.url, opa.policy_dir) == ""
+    assert opa.diff() == ""
 
 
 def test_the_journal_records_who_when_the_policy_hash_and_the_outcome(opa: Opa):
-    text = (opa.policy_dir / "authz.rego").read_text()
+    deployed = sorted(p for p in opa.policy_dir.glob("*.rego") if not p.name.endswith("_test.rego"))
+    texts = b"".join(p.name.encode() + b"\0" + p.read_bytes() + b"\0" for p in deployed)
     before = datetime.now().astimezone()
     result = opa.push()
     opa.edit("package greymesh.authz", "package greymesh.authz\n\nbroken :=")
@@ -336,11 +345,11 @@ def test_the_journal_records_who_when_the_policy_hash_and_the_outcome(opa: Opa):
         opa.push()
 
     pushed, refused = opa.journal_records()
-    expected = hashlib.sha256(b"authz.rego\0" + text.encode() + b"\0").hexdigest()
+    expected = hashlib.sha256(texts).hexdigest()  # every deployed module (not system/), by name
     assert pushed["outcome"] == "pushed" and pushed["actor"] == "alice" and pushed["sha256"] == expected
     assert result.policy_hash == expected and pushed["at"] == result.pushed_at
     assert datetime.fromisoformat(pushed["at"]) >= before.replace(microsecond=0)
-    assert pushed["modules"] == ["authz.rego"] and pushed["opa"] == opa.url and pushed["version"] == 1
+    assert pushed["modules"] == [p.name for p in deployed] and pushed["opa"] == opa.url and pushed["version"] == 1
     assert refused["outcome"] == "refused" and refused["sha256"] != expected
     assert "does not compile" in refused["error"] and "authz.rego:" in refused["error"]
 
@@ -349,7 +358,9 @@ def test_an_unreachable_opa_is_reported_and_journalled(tmp_path: Path):
     journal = tmp_path / "journal.jsonl"
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(policy.OpaUnavailable, match="unreachable"):
-        policy.push(url, policy.POLICY_DIR, actor="bob", journal_path=journal)
+        policy.push(policy.OpaApi(url, "token"), tmp_path / POLICY_BUNDLE_FILE, policy.POLICY_DIR, actor="bob",
+                    journal_path=journal)
+    assert not (tmp_path / POLICY_BUNDLE_FILE).exists()
     assert json.loads(journal.read_text())["outcome"] == "failed"
 
 
@@ -366,7 +377,7 @@ def test_every_decision_arrives_as_a_structured_audit_record(opa: Opa):
     asked = [("frontend", "orders", "GET", "/a?token=secret"), ("orders", "frontend", "POST", "/b"),
              ("", "orders", "GET", "/c"), ("reporting", "payments", "PUT", "/d")]
     decisions = [opa.decide(*a) for a in asked]
-    opa.get("greymesh/policy")  # any other query is logged by OPA too, and ignored here
+    opa.get("greymesh/mesh")  # any other query is logged by OPA too, and ignored here
 
     records = wait_for_audit(opa, len(asked))
     assert len(records) == len(asked)
@@ -384,8 +395,10 @@ def test_every_decision_arrives_as_a_structured_audit_record(opa: Opa):
     wait_for("the other query to be ignored", lambda: opa.receiver.stats.snapshot()["ignored"] >= 1, DELIVERY_TIMEOUT_S)
 
 
-def post_logs(url: str, body: bytes, encoding: str | None = "gzip") -> tuple[int, dict]:
-    headers = {"Content-Type": "application/json"} | ({"Content-Encoding": encoding} if encoding else {})
+def post_logs(url: str, body: bytes, token: str, encoding: str | None = "gzip") -> tuple[int, dict]:
+    """POST a batch as OPA does, with OPA's decision-log token."""
+    headers = ({"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+               | ({"Content-Encoding": encoding} if encoding else {}))
     req = urllib.request.Request(f"{url}/logs", data=body, headers=headers, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=5) as resp:
@@ -395,16 +408,16 @@ def post_logs(url: str, body: bytes, encoding: str | None = "gzip") -> tuple[int
 
 
 def test_malformed_batches_are_counted_and_skipped_and_the_receiver_keeps_working(opa: Opa):
-    url = opa.receiver.url
-    assert post_logs(url, b"\x1f\x8b not really gzip")[0] == 400
-    assert post_logs(url, gzip.compress(b"{not json"))[0] == 400
-    assert post_logs(url, gzip.compress(b'{"an": "object"}'))[0] == 400
-    assert post_logs(url, b"[]", encoding=None) == (200, {"records": 0, "ignored": 0, "bad_entries": 0})
+    url, token = opa.receiver.url, credentials.read(opa.server.dd.secret(DECISIONLOG_TOKEN))
+    assert post_logs(url, b"\x1f\x8b not really gzip", token)[0] == 400
+    assert post_logs(url, gzip.compress(b"{not json"), token)[0] == 400
+    assert post_logs(url, gzip.compress(b'{"an": "object"}'), token)[0] == 400
+    assert post_logs(url, b"[]", token, encoding=None) == (200, {"records": 0, "ignored": 0, "bad_entries": 0})
     good = {"path": policy.DECISION_PATH, "decision_id": "d-1", "timestamp": "2026-01-01T00:00:00Z",
             "input": request(sid("frontend"), sid("orders"), "GET", "/x"),
             "result": {"allow": True, "reason": "r", "policy_hash": "h"}}
     bad = good | {"decision_id": "d-2", "result": {"allow": "yes"}}
-    status, counts = post_logs(url, gzip.compress(json.dumps([bad, 7, good]).encode()))
+    status, counts = post_logs(url, gzip.compress(json.dumps([bad, 7, good]).encode()), token)
     assert (status, counts) == (200, {"records": 1, "ignored": 0, "bad_entries": 2})
     stats = opa.receiver.stats.snapshot()
     assert stats["malformed"] == 3 and stats["bad_entries"] == 2
@@ -428,17 +441,20 @@ def test_a_failing_sink_makes_opa_send_the_batch_again(tmp_path: Path):
     entry = {"path": policy.DECISION_PATH, "decision_id": "d", "timestamp": "2026-01-01T00:00:00Z",
              "input": request(sid("frontend"), sid("orders")),
              "result": {"allow": True, "reason": "r", "policy_hash": ""}}
-    with DecisionLogReceiver(flaky) as receiver:
+    token = credentials.issue(tmp_path / "secrets" / "dl.token")
+    access = receiver_access(Credential(OPA, token), Credential(CLI, credentials.new_token()))
+    with DecisionLogReceiver(flaky, access) as receiver:
         body = gzip.compress(json.dumps([entry]).encode())
-        assert post_logs(receiver.url, body)[0] == 500
-        assert post_logs(receiver.url, body)[0] == 200
+        assert post_logs(receiver.url, body, token)[0] == 500
+        assert post_logs(receiver.url, body, token)[0] == 200
     assert [r.decision_id for r in got] == ["d"] and receiver.stats.snapshot()["sink_failures"] == 1
 
 
-def test_opa_is_only_ever_bound_to_loopback():
+def test_opa_is_only_ever_bound_to_loopback(tmp_path: Path):
+    files = opa_files(DataDir(tmp_path))
     with pytest.raises(ValueError, match="loopback"):
-        opa_argv(Path("opa"), "0.0.0.0:8181", Path("c.json"))
-    assert "127.0.0.1:8181" in opa_argv(Path("opa"), "127.0.0.1:8181", Path("c.json"))
+        opa_argv(Path("opa"), "0.0.0.0:8181", files)
+    assert "127.0.0.1:8181" in opa_argv(Path("opa"), "127.0.0.1:8181", files)
 
 
 # --- `greymesh policy ...` ----------------------------------------------------------------
@@ -450,18 +466,19 @@ def policy_cli(*argv: str) -> int:
 
 
 def test_the_policy_commands_use_the_data_dirs_opa(opa: Opa, tmp_path: Path, capsys: pytest.CaptureFixture[str]):
-    data_dir = tmp_path / "mesh"
-    data_dir.mkdir()
-    (data_dir / "runtime.json").write_text(json.dumps({"ports": {"opa.http": int(opa.url.rsplit(":", 1)[1])}}))
+    data_dir = opa.server.dd.root  # the data dir whose OPA it is: its tokens and policy bundle
+    (data_dir / "runtime.json").write_text(json.dumps({"ports": {"opa.http": opa.server.port}}))
     dd = ["--data-dir", str(data_dir), "--dir", str(opa.policy_dir)]
 
     assert policy_cli("test", "--dir", str(opa.policy_dir)) == 0
     assert policy_cli("push", *dd) == 0
     assert "pushed" in capsys.readouterr().out and DataDir(data_dir).policy_journal.exists()
-    kept = DataDir(data_dir).active_policy  # kept for a restarted OPA, with the push's meta
-    assert sorted(p.name for p in kept.glob("*.rego")) == sorted(p.name for p in opa.policy_dir.glob("*.rego"))
-    assert json.loads((kept / policy.KEPT_META).read_text())["hash"] == policy.policy_hash(
-        policy.load_policy(opa.policy_dir))
+    # The bundle OPA runs is also what a restarted OPA loads: the pushed modules and their hash.
+    with tarfile.open(opa.bundle) as bundle:
+        assert sorted(bundle.getnames()) == sorted([".manifest", *(m.name for m in policy.load_policy(opa.policy_dir))])
+        manifest = json.load(bundle.extractfile(".manifest"))
+    assert manifest["revision"] == policy.policy_hash(policy.load_policy(opa.policy_dir))
+    assert oct(opa.bundle.stat().st_mode & 0o777) == "0o600"
     assert policy_cli("diff", *dd) == 0 and "runs exactly" in capsys.readouterr().out
 
     doc = tmp_path / "input.json"

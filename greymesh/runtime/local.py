@@ -49,9 +49,9 @@ from core.endpoints import (
 from core.errors import GreymeshError, InputError, NotRunning
 from core.wait import wait_until
 from greymesh.runtime import kafka as broker
+from greymesh.runtime import opa
 from greymesh.runtime import supervisor as sup
 from greymesh.runtime import workloads
-from greymesh.runtime.opa import opa_config
 
 # Below Linux's ephemeral range (32768+), so outgoing connections never take our ports.
 PORT_RANGE = (20000, 32000)
@@ -373,8 +373,7 @@ def _prepare_infrastructure(dd: DataDir, endpoints: Endpoints, progress: Progres
             raise GreymeshError(str(exc)) from None
         if created := kafka_client.ensure_topics(endpoints.kafka, broker.MESH_TOPICS):
             progress(f"Kafka: created topics {', '.join(created)}")
-    config = dd.root / "opa" / "config.json"
-    write_atomic(config, json.dumps(opa_config(endpoints.url(TAPS_HTTP)), indent=2))
+    opa.prepare(dd, endpoints.url(TAPS_HTTP), dd.secret(workloads.DECISIONLOG_TOKEN))
 
 
 def _envoy_binary() -> str:

@@ -31,7 +31,7 @@ from core.endpoints import (
 from core.installs import opa_binary
 from core.jsonhttp import HEALTH_PATH
 from greymesh.runtime import kafka as broker
-from greymesh.runtime.opa import opa_argv
+from greymesh.runtime import opa
 
 ProbeKind = Literal["http", "tcp", "kafka", "none"]
 Restart = Literal["always", "never"]
@@ -189,18 +189,20 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
                           *(["--auto-train-minutes", str(options.auto_train_minutes)]
                             if options.auto_train_minutes is not None else [])),
         "infrastructure", after=("sink",)))
-    opa_url = endpoints.url(OPA_HTTP)
+    opa_url, opa_files = endpoints.url(OPA_HTTP), opa.files(dd)
     rows.append(Workload(
-        "opa", tuple(opa_argv(opa_binary(), f"{HOST}:{p[OPA_HTTP]}", dd.root / "opa" / "config.json")),
+        "opa", tuple(opa.opa_argv(opa_binary(), f"{HOST}:{p[OPA_HTTP]}", opa_files)),
         "infrastructure", ready=Probe("http", opa_url + "/health"), after=("taps",), ports=(OPA_HTTP,),
-        on_ready=_python("controlplane.policy", "--opa-url", opa_url, "--kept", str(dd.active_policy),
-                         "--journal", str(dd.policy_journal))))
+        on_ready=_python("controlplane.policy", "--opa-url", opa_url, "--opa-token-file", str(opa_files.admin_token),
+                         "--bundle", str(opa_files.policy_bundle), "--journal", str(dd.policy_journal))))
     rows.append(Workload(
-        "authz", _python("controlplane.authz", "--port", str(p[AUTHZ]), "--opa-port", str(p[OPA_HTTP])),
+        "authz", _python("controlplane.authz", "--port", str(p[AUTHZ]), "--opa-port", str(p[OPA_HTTP]),
+                         "--opa-token-file", str(opa_files.bridge_token)),
         "mesh", ready=Probe("tcp", f"{HOST}:{p[AUTHZ]}"), after=("opa",), ports=(AUTHZ,)))
     rows.append(Workload(
         "controlplane", _python("controlplane.daemon", "--data-dir", str(dd.root), "--xds-port", str(p[CP_XDS]),
                                 "--admin-port", str(p[CP_ADMIN]), "--opa-port", str(p[OPA_HTTP]),
+                                "--opa-token-file", str(opa_files.admin_token),
                                 "--api-token-file", str(dd.api_token), *(["--watch"] if options.watch else [])),
         "mesh", ready=Probe("http", endpoints.url(CP_ADMIN) + HEALTH_PATH), after=("opa",), ports=(CP_XDS, CP_ADMIN)))
     calls = {s.name: s.calls for s in spec.services}

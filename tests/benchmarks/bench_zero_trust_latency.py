@@ -66,11 +66,13 @@ from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import AdsServer, start_ads_server  # noqa: E402
 from controlplane.xds.cache import SnapshotCache  # noqa: E402
 from controlplane.xds.status import NodeStatus  # noqa: E402
+from core import credentials  # noqa: E402
 from core.contracts import DECISION_PATH  # noqa: E402
 from core.datadir import DataDir  # noqa: E402
 from core.endpoints import XdsApi  # noqa: E402
 from core.installs import opa_binary  # noqa: E402
-from greymesh.runtime.opa import opa_argv, opa_config  # noqa: E402
+from greymesh.runtime import opa as opa_runtime  # noqa: E402
+from greymesh.runtime.workloads import DECISIONLOG_TOKEN  # noqa: E402
 from tests.benchmarks.openloop import run  # noqa: E402
 from tests.benchmarks.procs import Procs, free_ports, machine, slug, stop_on_signals, verdict  # noqa: E402
 from tests.support.mesh import DEMO_SPEC, envoy_stat, wait_for  # noqa: E402
@@ -200,6 +202,7 @@ class Bench:
     app_port: int = 0
     bridge_port: int = 0
     opa_port: int = 0
+    bridge_opa_token: str = ""  # what the bridge presents to OPA (the probe asks OPA as the bridge does)
     planes: Planes | None = None
 
     def sidecar(self, variant: str, node: str) -> SidecarPorts:
@@ -260,28 +263,32 @@ class Bench:
         opa = opa_binary()
         if not opa.exists():
             raise RuntimeError(f"OPA is not installed at {opa}: run deploy/install.sh")
-        config = self.files / "opa-config.json"
+        # OPA as the runtime runs it: token authentication, the system bundle, the policy bundle.
+        dd = DataDir(self.files)
+        receiver = next(iter(free_ports(1)))
+        files = opa_runtime.prepare(dd, f"http://{HOST}:{receiver}", dd.secret(DECISIONLOG_TOKEN))
         if self.decision_log:
-            receiver = next(iter(free_ports(1)))
             # The receiver's own work, not where records go, is what OPA's reporting costs:
             # it runs as its own process with a sink that discards (no Kafka here).
             self.procs.start("decision-log receiver", [sys.executable, "-c", DISCARDING_RECEIVER, str(receiver)])
-            config.write_text(json.dumps(opa_config(f"http://{HOST}:{receiver}")))
         else:
-            config.write_text("{}")
-        self.procs.start("opa", opa_argv(opa, f"{HOST}:{self.opa_port}", config))
+            files.config.write_text("{}")
+        self.procs.start("opa", opa_runtime.opa_argv(opa, f"{HOST}:{self.opa_port}", files))
         self.procs.start("bridge", _module("controlplane.authz", "--port", str(self.bridge_port),
-                                           "--opa-port", str(self.opa_port)))
+                                           "--opa-port", str(self.opa_port),
+                                           "--opa-token-file", str(files.bridge_token)))
+        self.bridge_opa_token = credentials.read(files.bridge_token)
         url = f"http://{HOST}:{self.opa_port}"
+        api = policy.OpaApi.with_token_file(url, files.admin_token)
 
         def opa_up() -> bool:
             self.procs.check_alive()
             return _ok(f"{url}/health")
 
         wait_for(opa_up, 20, "OPA to answer", 0.1)
-        pushed = policy.push(url, policy.POLICY_DIR, actor="bench_zero_trust_latency",
-                             journal_path=DataDir(self.files).policy_journal)
-        policy.push_mesh_data(url, policy.mesh_data(self.spec))
+        pushed = policy.push(api, files.policy_bundle, policy.POLICY_DIR, actor="bench_zero_trust_latency",
+                             journal_path=dd.policy_journal)
+        policy.push_mesh_data(api, policy.mesh_data(self.spec))
         print(f"OPA {url}: pushed {', '.join(pushed.modules)} (sha256 {pushed.policy_hash[:12]}) and the mesh data",
               flush=True)
 
@@ -394,7 +401,7 @@ def probe_authz(bench: Bench, n: int) -> dict[str, dict[str, float]]:
         for i in range(n + 50):
             t0 = time.perf_counter()
             conn.request("POST", f"/v1/data/{DECISION_PATH}?metrics=true", body,
-                         {"Content-Type": "application/json"})
+                         {"Content-Type": "application/json", "Authorization": f"Bearer {bench.bridge_opa_token}"})
             doc = json.loads(conn.getresponse().read())
             took = (time.perf_counter() - t0) * 1000
             if doc.get("result", {}).get("allow") is not True:
