@@ -47,9 +47,10 @@ from envoy.type.v3 import http_status_pb2
 from google.protobuf import json_format, struct_pb2
 from google.rpc import code_pb2, status_pb2
 
-from core import credentials
 from core.contracts import DECISION_PATH
+from core import credentials
 from core.credentials import CredentialError
+from core.sidecar_auth import METADATA_KEY, Authenticator, SidecarTokens
 
 log = logging.getLogger("greymesh.authz")
 
@@ -145,10 +146,18 @@ class OpaClient(threading.local):
 
 
 class AuthorizationBridge(authz_grpc.AuthorizationServicer):
-    def __init__(self, opa: OpaClient):
-        self.opa = opa
+    """Answers the checks of the sidecars ``sidecars`` authenticates (their ``authz`` credential,
+    core/sidecar_auth.py); any other caller is refused before OPA is asked, so nobody else can
+    probe the policy or put decisions in OPA's decision log (and so in the audit record)."""
+
+    def __init__(self, opa: OpaClient, sidecars: Authenticator):
+        self.opa, self.sidecars = opa, sidecars
 
     def Check(self, request: authz_pb2.CheckRequest, context: grpc.ServicerContext) -> authz_pb2.CheckResponse:  # noqa: N802
+        if self.sidecars.authenticate(context.invocation_metadata()) is None:
+            log.warning("refused a check from %s: no valid sidecar credential", context.peer())
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          f"a sidecar credential is required ({METADATA_KEY}: Bearer <token> metadata)")
         try:
             decision = self.opa.decide(opa_input(request))
         except PolicyUnavailable as exc:
@@ -174,10 +183,11 @@ class AuthorizationBridge(authz_grpc.AuthorizationServicer):
         )
 
 
-def serve(host: str, port: int, opa_host: str, opa_port: int, opa_token: str, workers: int = 16) -> grpc.Server:
+def serve(host: str, port: int, opa_host: str, opa_port: int, sidecars: Authenticator, opa_token: str,
+          workers: int = 16) -> grpc.Server:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="authz"),
                          options=[("grpc.so_reuseport", 0)])
-    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationBridge(OpaClient(opa_host, opa_port, opa_token)), server)
+    authz_grpc.add_AuthorizationServicer_to_server(AuthorizationBridge(OpaClient(opa_host, opa_port, opa_token), sidecars), server)
     server.add_insecure_port(f"{host}:{port}")
     server.start()
     log.info("authorization bridge on %s:%d asking OPA at %s:%d", host, port, opa_host, opa_port)
@@ -193,15 +203,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--opa-port", type=int, required=True)
     p.add_argument("--opa-token-file", type=Path, required=True,
                    help="the bridge's token for OPA (0600): OPA refuses a decision request without it")
+    p.add_argument("--sidecar-key-file", type=Path, required=True,
+                   help="the key (0600) that checks the sidecars' ext_authz credentials (core/sidecar_auth.py)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        sidecars = SidecarTokens.load(args.sidecar_key_file, "authz")
         opa_token = credentials.read(args.opa_token_file)
     except CredentialError as exc:
         log.error("%s", exc)
         return 2
     try:
-        serve(args.host, args.port, "127.0.0.1", args.opa_port, opa_token).wait_for_termination()
+        serve(args.host, args.port, "127.0.0.1", args.opa_port, sidecars, opa_token).wait_for_termination()
     except KeyboardInterrupt:
         pass
     return 0

@@ -42,6 +42,7 @@ from controlplane.xds.status import NodeStatus
 from core import jsonhttp
 from core.credentials import CredentialError
 from core.datadir import DataDir, write_atomic
+from core.sidecar_auth import SidecarKey
 
 log = logging.getLogger("greymesh.controlplane")
 
@@ -70,6 +71,8 @@ class Applied:
 class ControlPlane:
     def __init__(self, dd: DataDir):
         self.dd = dd
+        # Mints every sidecar's credentials (core/sidecar_auth.py); the runtime issues the same file.
+        self.sidecar_key = SidecarKey.issue(dd)
         self.cache = SnapshotCache()
         self.nodes = NodeStatus()
         self.applied: Applied | None = None
@@ -94,7 +97,7 @@ class ControlPlane:
             try:
                 declared = parse_spec(text, source=source)
                 spec, placement = self._placed(declared, source)
-                snapshots = build_snapshots(spec, placement, self._identities(spec))
+                snapshots = build_snapshots(spec, placement, self._identities(spec), self.sidecar_key)
             except SpecError as exc:
                 self.last_rejected = {"source": source, "by": by, "at": time.time(),
                                       "errors": str(exc).splitlines()}
@@ -159,7 +162,8 @@ class ControlPlane:
                 continue
             async with self._lock:
                 try:
-                    changed = self._swap(build_snapshots(self.spec, self.placement, self._identities(self.spec, now)))
+                    changed = self._swap(build_snapshots(self.spec, self.placement, self._identities(self.spec, now),
+                                                         self.sidecar_key))
                 except Exception:  # keep serving the current SVIDs; try again next round
                     log.exception("SVID renewal failed")
                     continue
@@ -198,7 +202,7 @@ class ControlPlane:
                 "retired_roots": [f"{r.serial_number:x}" for r in retired], "sidecars": len(self.svids)}
 
     def _rebuild(self) -> list[str]:
-        return self._swap(build_snapshots(self.spec, self.placement, self._identities(self.spec)))
+        return self._swap(build_snapshots(self.spec, self.placement, self._identities(self.spec), self.sidecar_key))
 
     async def _all_acked(self, timeout_s: float, what: str) -> None:
         deadline = time.monotonic() + timeout_s
@@ -224,7 +228,7 @@ class ControlPlane:
             raise SpecError(str(self.dd.placement), [Problem("services", "no spec applied yet")])
         async with self._lock:
             spec, placement = self._placed(self.declared, str(self.dd.placement))
-            changed = self._swap(build_snapshots(spec, placement, self._identities(spec)))
+            changed = self._swap(build_snapshots(spec, placement, self._identities(spec), self.sidecar_key))
             self.spec, self.placement = spec, placement
         log.info("placement changed: %d sidecar(s) get new config %s", len(changed), sorted(changed))
         return sorted(changed)
@@ -411,7 +415,7 @@ async def run(
             raise CredentialError("--opa-port needs --opa-token-file: OPA refuses requests without a token")
         opa = policy.OpaApi.with_token_file(f"http://{host}:{opa_port}", opa_token)
         background.append(asyncio.create_task(sync_policy_data(cp, opa)))
-    ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port)
+    ads = await start_ads_server(cp.cache, cp.nodes, host, xds_port, cp.sidecar_key.tokens("xds"))
     admin = _admin_server(cp, asyncio.get_running_loop(), host, admin_port, access)
     log.info("control plane up: xDS %s:%d, admin http://%s:%d", host, xds_port, host, admin_port)
     try:

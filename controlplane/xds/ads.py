@@ -10,6 +10,11 @@ that cluster's ClusterLoadAssignment again, changed or not (otherwise it waits o
 the 15 s initial fetch timeout), so every CDS response is followed by the EDS
 resources of the clusters it carried.
 
+Every stream must first prove which node it serves (:mod:`core.sidecar_auth`): a
+stream without a valid credential, or whose first request names another node, is closed
+before it is told anything, so it gets no resource, no secret, and no ACK of it is ever
+recorded (rollout waits such as `greymesh ca rotate` count recorded ACKs only).
+
 ACK/NACK follow the xDS protocol: a request answers the response whose nonce it
 carries; ``error_detail`` makes it a NACK.  A NACK is recorded and not answered:
 the rejected content is only sent again if something else calls for it (a newer
@@ -36,6 +41,7 @@ from google.protobuf import any_pb2
 from controlplane.xds.cache import SnapshotCache
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, TYPE_ORDER, WILDCARD_TYPES, Resource, Snapshot
 from controlplane.xds.status import NodeStatus, XdsProtocol
+from core.sidecar_auth import METADATA_KEY, Authenticator
 
 log = logging.getLogger("greymesh.xds")
 
@@ -220,6 +226,11 @@ class _Stream(ABC, Generic[ReqT, StateT]):
                 await self._respond(type_url, state, snapshot)
 
     async def handle(self, req: ReqT) -> None:
+        if req.HasField("node") and req.node.id and req.node.id != self.node_id:
+            # The stream was authenticated as self.node_id: it cannot become another node.
+            log.warning("closing ADS stream of node %s: a request names node %r", self.node_id, req.node.id)
+            await self.context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                     f"this stream is node {self.node_id!r}; it cannot switch to {req.node.id!r}")
         type_url = req.type_url
         if type_url not in TYPE_ORDER:
             if type_url not in self._unknown_types:
@@ -443,10 +454,11 @@ async def _pump(requests: AsyncIterator[Request], inbox: asyncio.Queue[object]) 
 
 
 class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """Serves every node's snapshot from ``cache``, reporting delivery to ``status``."""
+    """Serves every node's snapshot from ``cache`` to the sidecar ``authenticator`` proves is
+    that node, reporting delivery to ``status``."""
 
-    def __init__(self, cache: SnapshotCache, status: NodeStatus):
-        self.cache, self.status = cache, status
+    def __init__(self, cache: SnapshotCache, status: NodeStatus, authenticator: Authenticator):
+        self.cache, self.status, self.authenticator = cache, status, authenticator
 
     async def StreamAggregatedResources(
         self, request_iterator: AsyncIterator[xds.DiscoveryRequest], context: grpc.aio.ServicerContext
@@ -461,12 +473,24 @@ class AggregatedDiscoveryService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer
     async def _serve(
         self, kind: type[_Stream[Any, Any]], requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
     ) -> None:
+        # Checked before reading a request: an impostor is told nothing, not even which nodes exist.
+        who = self.authenticator.authenticate(context.invocation_metadata())
+        if who is None:
+            log.warning("refused %s ADS stream from %s: no valid sidecar credential", kind.protocol, context.peer())
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                f"a sidecar credential is required ({METADATA_KEY}: Bearer <token> metadata, "
+                                "from the sidecar's bootstrap)")
         first = await anext(aiter(requests), None)
         if first is None:
             return
         if not first.node.id:
             log.warning("closing %s ADS stream from %s: first request has no node.id", kind.protocol, context.peer())
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+        if first.node.id != who.node:
+            log.warning("refused %s ADS stream from %s: credential of node %s, request as node %r",
+                        kind.protocol, context.peer(), who.node, first.node.id)
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                                f"the credential is node {who.node!r}'s; it cannot ask as {first.node.id!r}")
         # Only the first request is guaranteed to carry the node; later ones may omit it.
         stream = kind(self.cache, self.status, context, first.node.id)
         await stream.run(first, requests, _envoy_version(first.node))
@@ -486,10 +510,14 @@ class AdsServer:
 _SERVER_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.http2.max_ping_strikes", 0)]
 
 
-async def start_ads_server(cache: SnapshotCache, status: NodeStatus, host: str, port: int) -> AdsServer:
-    """Serve ADS on ``host:port`` (port 0 picks a free one; see ``AdsServer.port``)."""
+async def start_ads_server(
+    cache: SnapshotCache, status: NodeStatus, host: str, port: int, authenticator: Authenticator
+) -> AdsServer:
+    """Serve ADS on ``host:port`` (port 0 picks a free one; see ``AdsServer.port``) to the sidecars
+    ``authenticator`` accepts (in a mesh: ``SidecarKey.tokens("xds")``), each its own node only."""
     server = grpc.aio.server(options=_SERVER_OPTIONS)
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AggregatedDiscoveryService(cache, status), server)
+    service = AggregatedDiscoveryService(cache, status, authenticator)
+    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     bound = server.add_insecure_port(address)
     await server.start()

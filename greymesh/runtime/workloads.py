@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from controlplane.bootstrap import sidecar_bootstrap
+from controlplane.bootstrap import BOOTSTRAP_MODE, sidecar_bootstrap
 from controlplane.meshspec import MeshSpec
 from controlplane.placement import Placement
 from core.datadir import DataDir, write_atomic
@@ -30,6 +30,7 @@ from core.endpoints import (
 )
 from core.installs import opa_binary
 from core.jsonhttp import HEALTH_PATH
+from core.sidecar_auth import SidecarIdentity, SidecarKey, purpose_secret
 from greymesh.runtime import kafka as broker
 from greymesh.runtime import opa
 
@@ -170,7 +171,8 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
         rows.append(Workload(
             name, _python("tapstream.service", "--data-dir", str(state), "--grpc-port", str(p[als]),
                           "--http-port", str(p[http]), "--kafka", kafka,
-                          "--opa-token-file", str(dd.secret(DECISIONLOG_TOKEN)), "--api-token-file", str(dd.api_token)),
+                          "--opa-token-file", str(dd.secret(DECISIONLOG_TOKEN)), "--api-token-file", str(dd.api_token),
+                          "--sidecar-key-file", str(dd.secret(purpose_secret("als")))),
             "infrastructure", ready=Probe("http", endpoints.url(http) + HEALTH_PATH), after=pipe_after,
             ports=(als, http)))
     rows.append(Workload(
@@ -197,7 +199,8 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
                          "--bundle", str(opa_files.policy_bundle), "--journal", str(dd.policy_journal))))
     rows.append(Workload(
         "authz", _python("controlplane.authz", "--port", str(p[AUTHZ]), "--opa-port", str(p[OPA_HTTP]),
-                         "--opa-token-file", str(opa_files.bridge_token)),
+                         "--opa-token-file", str(opa_files.bridge_token),
+                         "--sidecar-key-file", str(dd.secret(purpose_secret("authz")))),
         "mesh", ready=Probe("tcp", f"{HOST}:{p[AUTHZ]}"), after=("opa",), ports=(AUTHZ,)))
     rows.append(Workload(
         "controlplane", _python("controlplane.daemon", "--data-dir", str(dd.root), "--xds-port", str(p[CP_XDS]),
@@ -230,9 +233,16 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
 
 
 def write_sidecar_files(dd: DataDir, placement: Placement, endpoints: Endpoints) -> None:
-    """Each placed instance's Envoy bootstrap (static: everything else comes over xDS)."""
+    """Each placed instance's Envoy bootstrap (static: everything else comes over xDS), holding
+    that sidecar's xDS credential (0600), and the keys the tap collectors and the authz bridge
+    check the sidecars' credentials with (core/sidecar_auth.py)."""
+    key = SidecarKey.issue(dd)
+    for purpose in ("als", "authz"):
+        key.hand_out(dd, purpose)
+    xds = key.tokens("xds")
     for name, placed in placement.sidecars.items():
         write_atomic(dd.bootstrap(name), json.dumps(sidecar_bootstrap(
             node_id=name, service=placed.service, admin_host=HOST, admin_port=placed.admin,
             xds_host=HOST, xds_port=endpoints.ports[CP_XDS], xds_api=endpoints.xds_api,
-        ), indent=2))
+            xds_token=xds.mint(SidecarIdentity(name, placed.service)),
+        ), indent=2), mode=BOOTSTRAP_MODE)

@@ -55,6 +55,8 @@ from audit.store import open_store, table_for  # noqa: E402
 from core import contracts  # noqa: E402
 from core.kafka import ensure_topics  # noqa: E402
 from greymesh.runtime import kafka as broker  # noqa: E402
+from core.datadir import DataDir  # noqa: E402
+from core.sidecar_auth import SidecarIdentity, SidecarKey, SidecarTokens  # noqa: E402
 from tapstream.collector import METHOD, SERVICE, Collector  # noqa: E402
 from tests.benchmarks.procs import HOST, Procs, free_ports, machine, stop_on_signals, verdict  # noqa: E402
 from tests.support.kafka import Broker  # noqa: E402
@@ -193,6 +195,11 @@ def record_envoy_messages(work: Path, procs: Procs, requests: int = RECORD_REQUE
 # --- 2. the replay --------------------------------------------------------------------------------
 
 
+def stream_sidecar(k: int) -> SidecarIdentity:
+    """The sidecar replayed stream ``k`` comes from (its credential names it)."""
+    return SidecarIdentity(f"bench-{k}", f"svc-{k}")
+
+
 class Replay:
     """Pre-built message bytes for a run at `rate` l7 events/s for `seconds`, per stream."""
 
@@ -210,7 +217,7 @@ class Replay:
             k = (n // per_message) % STREAMS
             msg = als_pb2.StreamAccessLogsMessage()
             if not self.streams[k]:
-                msg.identifier.node.id, msg.identifier.node.cluster = f"bench-{k}", f"svc-{k}"
+                msg.identifier.node.id, msg.identifier.node.cluster = stream_sidecar(k).node, stream_sidecar(k).service
                 msg.identifier.log_name = "inbound"
             for _ in range(min(per_message, total - n)):
                 entry = msg.http_logs.log_entry.add()
@@ -221,9 +228,10 @@ class Replay:
             self.streams[k].append(msg.SerializeToString())
         self.total = n
 
-    def send(self, port: int, t0: float) -> None:
-        """Open loop: message i of all streams' interleaving goes at t0 + i * interval.
-        A stream that fails is recorded in ``self.errors``."""
+    def send(self, port: int, t0: float, tokens: SidecarTokens) -> None:
+        """Open loop: message i of all streams' interleaving goes at t0 + i * interval, each
+        stream with its sidecar's credential (``tokens``: the ALS purpose).  A stream that
+        fails is recorded in ``self.errors``."""
         self.errors: list[str] = []
 
         def run(k: int) -> None:
@@ -238,7 +246,7 @@ class Replay:
                     yield raw
 
             try:
-                call(paced(), timeout=3600)
+                call(paced(), timeout=3600, metadata=(tokens.metadata(stream_sidecar(k)),))
             except grpc.RpcError as exc:
                 self.errors.append(f"stream {k}: {exc.code()} {exc.details()}")
             finally:
@@ -267,12 +275,12 @@ def _query(sink_port: int, sql: str) -> list[list]:
 
 
 def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int, sink_port: int,
-             procs: Procs) -> dict:
+             procs: Procs, tokens: SidecarTokens) -> dict:
     replay = Replay(recorded, rate, seconds, epoch=time.time_ns() // 1000)
     base = _stored(sink_port)
     cpu0 = procs.cpu_s()
     t0 = time.monotonic() + 0.5
-    sender = threading.Thread(target=replay.send, args=(taps_port, t0))
+    sender = threading.Thread(target=replay.send, args=(taps_port, t0, tokens))
     sender.start()
     samples: list[tuple[float, int]] = []
     done_at = None
@@ -332,13 +340,13 @@ class _Keep:
 
 def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work: Path, n_events: int) -> dict:
     replay = Replay(recorded, rate=1.0, seconds=n_events, epoch=time.time_ns() // 1000)
-    messages = [m for s in replay.streams for m in s]
     keep = _Keep()
-    collector = Collector(keep)
+    collector = Collector(keep, SidecarKey("bench").tokens("als"))
     t = time.perf_counter()
-    source = None
-    for raw in messages:  # stream by stream; each stream's first message names its source
-        source = collector.handle_message(raw, source)
+    for k, stream in enumerate(replay.streams):  # each stream's first message names its log
+        source = None
+        for raw in stream:
+            source = collector.handle_message(raw, source, stream_sidecar(k))
     convert_s = time.perf_counter() - t
     records = [r for r in keep.records if r[0] == contracts.topic("l7")]
     events = sum(r[3] for r in records)
@@ -438,8 +446,11 @@ def main() -> int:
         print(f"  {raw}", flush=True)
 
         taps_port, taps_http, sink_http = free_ports(3)
+        mesh_dir = DataDir(work / "mesh").create()
+        sidecars = SidecarKey.issue(mesh_dir)
         procs.start("taps", [sys.executable, "-m", "tapstream.service", "--data-dir", str(work / "mesh"),
-                             "--grpc-port", str(taps_port), "--http-port", str(taps_http), "--kafka", kafka.bootstrap])
+                             "--grpc-port", str(taps_port), "--http-port", str(taps_http), "--kafka", kafka.bootstrap,
+                             "--sidecar-key-file", str(sidecars.hand_out(mesh_dir, "als"))])
         procs.start("sink", [sys.executable, "-m", "audit.sink", "--data-dir", str(work / "mesh"), "--kafka",
                              kafka.bootstrap, "--http-port", str(sink_http),
                              *(["--store", args.store] if args.store else [])])
@@ -457,7 +468,7 @@ def main() -> int:
         results = []
         for rate in rates:
             print(f"offered {rate:,.0f} l7 events/s for {args.seconds:.0f} s ...", flush=True)
-            res = run_rate(recorded, rate, args.seconds, taps_port, sink_http, procs)
+            res = run_rate(recorded, rate, args.seconds, taps_port, sink_http, procs, sidecars.tokens("als"))
             print(f"  {res}", flush=True)
             results.append(res)
             what = f"offered {rate:,.0f}/s"

@@ -50,6 +50,7 @@ from controlplane.meshspec import load_spec, parse_spec  # noqa: E402
 from controlplane.placement import Placement, SidecarPorts  # noqa: E402
 from core.datadir import DataDir, write_atomic  # noqa: E402
 from core.endpoints import CP_ADMIN, CP_XDS, HOST, Endpoints  # noqa: E402
+from core.sidecar_auth import SidecarIdentity, SidecarKey  # noqa: E402
 from greymesh.runtime.local import place  # noqa: E402
 from greymesh.runtime.workloads import write_sidecar_files  # noqa: E402
 from tests.benchmarks.procs import Procs, free_ports, stop_on_signals, verdict  # noqa: E402
@@ -172,7 +173,7 @@ def big_placement(spec_text: str) -> Placement:
     sidecars, port = {}, 10000
     for s in spec.services:
         for inst in s.instances:
-            sidecars[inst.name] = SidecarPorts(port, port + 1, port + 2, port + 3, port + 4)
+            sidecars[inst.name] = SidecarPorts(port, port + 1, port + 2, port + 3, port + 4, service=s.name)
             port += 5
     return Placement("127.0.0.1", sidecars)
 
@@ -198,7 +199,10 @@ async def simulated(services: int, per_service: int, protocol: str, work: Path) 
     admin = f"http://{HOST}:{admin_port}"
     nodes = list(placement.sidecars)
     channels = [grpc.aio.insecure_channel(f"{HOST}:{xds_port}") for _ in range(8)]
-    sims = [SimulatedEnvoy(n, "", protocol, channel=channels[i % len(channels)]) for i, n in enumerate(nodes)]
+    xds = SidecarKey.issue(dd).tokens("xds")  # the key the control plane reads from the same data dir
+    sims = [SimulatedEnvoy(n, "", protocol, channel=channels[i % len(channels)],
+                           token=xds.mint(SidecarIdentity(n, placement.sidecars[n].service)))
+            for i, n in enumerate(nodes)]
     try:
         cp = procs.start("controlplane", [sys.executable, "-m", "controlplane.daemon", "--data-dir", str(dd.root),
                                           "--xds-port", str(xds_port), "--admin-port", str(admin_port)])

