@@ -58,7 +58,6 @@ SPEC = parse_spec(DEMO_SPEC.read_text(), source=str(DEMO_SPEC))
 PAYMENTS, ORDERS = "payments-v1-1", "orders-1"
 PAYMENTS_ID = service_identity(SPEC, SPEC.service("payments"))
 ORDERS_ID = service_identity(SPEC, SPEC.service("orders"))
-TOKEN_SLACK_S = 5.0
 
 
 def who(node: str) -> SidecarIdentity:
@@ -305,13 +304,14 @@ def als_message(node: str, cluster: str, agent: str) -> bytes:
 
 
 @contextlib.contextmanager
-def collector(**bounds: float) -> Iterator[tuple[Collector, Keep, SidecarKey, str]]:
+def collector(**bounds: float) -> Iterator[tuple[Collector, Keep, SidecarKey, grpc.Channel]]:
+    """The real collector (its bounds as given) behind a real gRPC server on loopback, publishing to a Keep."""
     key, keep = SidecarKey(new_token()), Keep()
     c = Collector(keep, key.tokens("als"), **bounds)  # type: ignore[arg-type]
     server, port = serve(c, "127.0.0.1", 0, max_streams=int(bounds.get("max_streams_per_node", 4)) * 4)
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     try:
-        yield c, keep, key, channel  # type: ignore[misc]
+        yield c, keep, key, channel
     finally:
         channel.close()
         server.stop(None)
