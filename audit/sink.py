@@ -47,11 +47,12 @@ from kafka.structs import OffsetAndMetadata
 from audit.store import Store, StoreError, open_store, table_for
 from core import contracts, credentials
 from core.credentials import CredentialError
+from core.kafka import SINK_GROUP, KafkaAuth, add_secret_argument, auth_from_args, client_config
 from core.jsonhttp import CLI, Access, ApiHandler, Credential, serve
 
 log = logging.getLogger("greymesh.sink")
 
-GROUP = "greymesh-sink"
+GROUP = SINK_GROUP
 MAX_RECORD_BYTES = 8 << 20  # a collector's records are < 0.5 MiB; anything this big is not ours
 WINDOW_EVENTS = 200_000  # ids remembered per partition for deduplication
 SEED_RECORDS = 2_000  # seed a window from the store starting this many records before the commit
@@ -160,7 +161,7 @@ SESSION_TIMEOUT_MS = 10_000  # kafka-python's default is 45 s
 class Sink:
     """Consumes the tap topics into ``store``; call :meth:`run` (or :meth:`step` in tests)."""
 
-    def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP,
+    def __init__(self, store: Store, bootstrap: str, *, group: str = GROUP, auth: KafkaAuth | None = None,
                  layers: Iterable[contracts.Layer] = contracts.LAYERS, max_poll_records: int = 2_000,
                  max_record_bytes: int = MAX_RECORD_BYTES):
         self.store = store
@@ -180,6 +181,7 @@ class Sink:
             # once its session expires.  Static membership (group_instance_id) would skip the
             # wait, but kafka-python's static member did not rejoin after a broker restart.
             session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=SESSION_TIMEOUT_MS // 5,
+            **client_config(auth),
         )
         # kafka-python calls the listener on its I/O thread, where no blocking call (the
         # committed offset, the store) may run: it only notes the partitions.
@@ -422,6 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, required=True, help="the /stats and /query API")
     p.add_argument("--api-token-file", type=Path, required=True, help="the CLI's token (0600): /stats and /query")
     p.add_argument("--scorer-token-file", type=Path, required=True, help="the scorer's token (0600): /query")
+    add_secret_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
@@ -429,6 +432,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
         access = api_access(args.api_token_file, args.scorer_token_file)
+        kafka_auth = auth_from_args(args)
     except CredentialError as exc:
         log.error("%s", exc)
         return 2
@@ -436,7 +440,7 @@ def main(argv: list[str] | None = None) -> int:
     store = open_store(args.store, data_dir=args.data_dir, password=password)
     applied = store.migrate()
     log.info("store %s: migrations applied now: %s", store.url, applied or "none (up to date)")
-    sink = Sink(store, args.kafka)
+    sink = Sink(store, args.kafka, auth=kafka_auth)
     server = serve_api(sink, args.host, args.http_port, access)
     log.info("sink: Kafka %s -> %s; API on %s:%d", args.kafka, store.url, args.host, args.http_port)
     try:

@@ -22,6 +22,7 @@ from typing import Any
 from core.datadir import DataDir
 from core.endpoints import Endpoints
 from core.errors import GreymeshError, InputError
+from core.kafka import SCORER, mesh_auth
 from greymesh import scenarios
 from ml import eval as ml_eval
 from ml import scorer
@@ -145,8 +146,10 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _score(args: argparse.Namespace) -> int:
+    endpoints = Endpoints.load(DataDir(args.data_dir))
     worker = scorer.Scorer(_sink_windows(args.data_dir), registry_of(args.data_dir),
-                           scorer.kafka_emitter(Endpoints.load(DataDir(args.data_dir)).kafka_bootstrap()))
+                           scorer.kafka_emitter(endpoints.kafka_bootstrap(),
+                                                mesh_auth(DataDir(args.data_dir), endpoints, SCORER)))
     stop = threading.Event()
     print("scoring each new window (Ctrl-C stops)", flush=True)
     try:

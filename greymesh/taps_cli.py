@@ -18,6 +18,7 @@ from core import contracts, credentials, jsonhttp
 from core.datadir import DataDir
 from core.endpoints import SINK_HTTP, TAPS_HTTP, Endpoints
 from core.errors import GreymeshError, NotRunning
+from core.kafka import READER, client_config, mesh_auth
 from core.storeclient import StoreClient
 
 
@@ -119,7 +120,8 @@ def _tail(args: argparse.Namespace) -> int:
     endpoints = _endpoints(args)
     layers = args.layer or ["l7"]
     consumer = KafkaConsumer(bootstrap_servers=endpoints.kafka_bootstrap(), group_id=None,
-                             enable_auto_commit=False, client_id="greymesh-taps-tail")
+                             enable_auto_commit=False, client_id="greymesh-taps-tail",
+                             **client_config(mesh_auth(DataDir(args.data_dir), endpoints, READER)))
     try:
         partitions = [TopicPartition(contracts.topic(layer), p)
                       for layer in layers for p in sorted(consumer.partitions_for_topic(contracts.topic(layer)) or ())]

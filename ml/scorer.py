@@ -51,6 +51,7 @@ from ml.features import FEATURES, ServiceSeries, series_by_service
 from ml.model import MeshModel, TrainingError, train_from
 from ml.registry import ModelError, Registry
 from core.contracts import ANOMALY_TOPIC, VERSION, WINDOW_SECONDS, AnomalyEvent
+from core.kafka import KafkaAuth, add_secret_argument, auth_from_args, client_config
 from core.storeclient import StoreClient, StoreError
 from ml.windows import LATENESS_S, SinkWindows, WindowSource, closed_until
 
@@ -260,11 +261,13 @@ class Scorer:
         )
 
 
-def kafka_emitter(bootstrap: str) -> Callable[[list[AnomalyEvent]], None]:
-    """Send events to greymesh.anomalies, one JSON-array record per service, and wait for the acks."""
+def kafka_emitter(bootstrap: str, auth: KafkaAuth | None = None) -> Callable[[list[AnomalyEvent]], None]:
+    """Send events to greymesh.anomalies as ``auth`` (the scorer's principal), one JSON-array
+    record per service, and wait for the acks."""
     from kafka import KafkaProducer
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="greymesh-ml-scorer")
+    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", client_id="greymesh-ml-scorer",
+                             **client_config(auth))
 
     def emit(events: list[AnomalyEvent]) -> None:
         by_service: dict[str, list[dict[str, Any]]] = {}
@@ -313,11 +316,12 @@ def main(argv: list[str] | None = None) -> int:
                    "of n (default: all)")
     p.add_argument("--auto-train-minutes", type=float,
                    help="with no model yet, train the first one after this much traffic")
+    add_secret_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)
     scorer = Scorer(SinkWindows(StoreClient(args.sink_url, args.sink_token_file)), Registry(args.registry),
-                    kafka_emitter(args.kafka),
+                    kafka_emitter(args.kafka, auth_from_args(args)),
                     lateness_s=args.lateness, shard=args.shard,
                     auto_train_s=None if args.auto_train_minutes is None else args.auto_train_minutes * 60)
     stop = threading.Event()

@@ -90,6 +90,7 @@ from typing import Any
 from kafka import KafkaProducer
 from kafka import errors as kerr
 
+from core.kafka import KafkaAuth, client_config
 from tapstream.spool import DEFAULT_MAX_BYTES, Position, Spool, SpooledRecord
 
 log = logging.getLogger("greymesh.tapstream")
@@ -202,6 +203,7 @@ class TapProducer:
 
     ``send`` never blocks for long and never raises for broker trouble.  See the module
     docstring for the modes, what counts as "broker down", drops and crash behaviour.
+    ``auth`` is the tap service's Kafka principal (None: a broker without authentication).
     """
 
     STALL_S = 5.0  # no acknowledgement for this long while records wait: the broker is down
@@ -218,7 +220,8 @@ class TapProducer:
 
     def __init__(self, bootstrap: str, spool_dir: Path, *, max_spool_bytes: int = DEFAULT_MAX_BYTES,
                  on_drop: Callable[[int, int], None] | None = None,
-                 client_id: str = "greymesh-tapstream", **producer_config: Any) -> None:
+                 client_id: str = "greymesh-tapstream", auth: KafkaAuth | None = None,
+                 **producer_config: Any) -> None:
         unknown = set(producer_config) - set(KafkaProducer.DEFAULT_CONFIG)
         if unknown:
             raise TypeError(f"unknown KafkaProducer settings: {sorted(unknown)}")
@@ -227,7 +230,7 @@ class TapProducer:
         config = {**PRODUCER_DEFAULTS, **producer_config}
         if config["delivery_timeout_ms"] < config["linger_ms"] + config["request_timeout_ms"]:
             raise ValueError("delivery_timeout_ms must be at least linger_ms + request_timeout_ms")
-        self._config = {"bootstrap_servers": bootstrap, "client_id": client_id, **config}
+        self._config = {"bootstrap_servers": bootstrap, "client_id": client_id, **config, **client_config(auth)}
         self._on_drop = on_drop
         self._spool = Spool(Path(spool_dir), max_spool_bytes)
 

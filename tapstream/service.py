@@ -27,6 +27,7 @@ from typing import Any
 from core.contracts import ALERTS_TOPIC, AUDIT_TOPIC, TapDropAlert
 from core.credentials import CredentialError
 from core.jsonhttp import CLI, Access, Credential
+from core.kafka import KafkaAuth, add_secret_argument, auth_from_args
 from core.sidecar_auth import Authenticator, SidecarTokens
 from tapstream.collector import Collector, serve
 from tapstream.decisionlog import OPA, AuditRecord, DecisionLogReceiver, receiver_access
@@ -71,12 +72,13 @@ class DropAlerts:
 
 
 def run(*, data_dir: Path, host: str, grpc_port: int, http_port: int, access: Access, bootstrap: str,
-        max_spool_bytes: int, stop: threading.Event, sidecars: Authenticator) -> None:
+        max_spool_bytes: int, stop: threading.Event, sidecars: Authenticator,
+        auth: KafkaAuth | None = None) -> None:
     """Serve until ``stop`` is set, then flush what can be flushed; ALS streams only from the
     sidecars ``sidecars`` authenticates."""
     alerts = DropAlerts(host)
     producer = TapProducer(bootstrap, data_dir / "taps" / "spool", max_spool_bytes=max_spool_bytes,
-                           on_drop=alerts.on_drop)
+                           on_drop=alerts.on_drop, auth=auth)
     collector = Collector(producer, sidecars)
 
     def publish_decisions(records: list[AuditRecord]) -> None:
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--api-token-file", type=Path, required=True, help="the CLI's token (0600): GET /stats")
     p.add_argument("--sidecar-key-file", type=Path, required=True,
                    help="the key (0600) that checks the sidecars' access-log credentials (core/sidecar_auth.py)")
+    add_secret_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("kafka").setLevel(logging.CRITICAL)  # a line per failed reconnect, many a second
@@ -124,12 +127,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         access = receiver_access(Credential.load(OPA, args.opa_token_file), Credential.load(CLI, args.api_token_file))
         sidecars = SidecarTokens.load(args.sidecar_key_file, "als")
+        kafka_auth = auth_from_args(args)
     except CredentialError as exc:
         log.error("%s", exc)
         return 2
     try:
         run(data_dir=args.data_dir, host=args.host, grpc_port=args.grpc_port, http_port=args.http_port, access=access,
-            bootstrap=args.kafka, max_spool_bytes=args.max_spool_mb << 20, stop=stop, sidecars=sidecars)
+            bootstrap=args.kafka, max_spool_bytes=args.max_spool_mb << 20, stop=stop, sidecars=sidecars,
+            auth=kafka_auth)
     except KeyboardInterrupt:
         pass
     return 0

@@ -48,6 +48,7 @@ TIERS: dict[str, str] = {
     "test_xds_ads.py": UNIT,            # our ADS server in process, against simulated Envoys
     "test_cli.py": INTEGRATION,         # `greymesh` answers; doctor runs envoy, opa, kafka, clickhouse
     "test_kafka_broker.py": INTEGRATION,  # a real Kafka (KRaft)
+    "test_security_kafka.py": INTEGRATION,  # forged produce/consume on a real, secured Kafka: refused
     "test_mtls_envoy.py": INTEGRATION,  # two real Envoys on our in-process ADS (one unit test too)
     "test_policies.py": INTEGRATION,    # a real OPA
     "test_security_opa.py": INTEGRATION,  # attacks on a real OPA: its API obeys the control plane only; the hash is OPA's

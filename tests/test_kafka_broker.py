@@ -27,10 +27,12 @@ KEYS = [f"svc-{i:02d}" for i in range(20)]
 CONSUME_TIMEOUT = 60.0
 
 
-def _produce(bootstrap: str) -> dict[tuple[int, int], tuple[str, str]]:
+# The test's own topic and group: it produces and consumes as the broker's admin (the
+# mesh principals' limits: tests/test_security_kafka.py).
+def _produce(b: Broker) -> dict[tuple[int, int], tuple[str, str]]:
     """N records, 50 per key, value '<key>:<seq>'; returns (partition, offset) -> (key, value)."""
-    producer = KafkaProducer(bootstrap_servers=bootstrap, acks="all", linger_ms=5,
-                             key_serializer=str.encode, value_serializer=str.encode)
+    producer = KafkaProducer(bootstrap_servers=b.bootstrap, acks="all", linger_ms=5,
+                             key_serializer=str.encode, value_serializer=str.encode, **b.admin.client_config())
     try:
         futures = []
         seq: dict[str, int] = defaultdict(int)
@@ -62,16 +64,16 @@ def _drain(consumer: KafkaConsumer, want: int) -> list:
     return records
 
 
-def _group_consumer(bootstrap: str) -> KafkaConsumer:
-    return KafkaConsumer(TOPIC, bootstrap_servers=bootstrap, group_id=GROUP,
+def _group_consumer(b: Broker) -> KafkaConsumer:
+    return KafkaConsumer(TOPIC, bootstrap_servers=b.bootstrap, group_id=GROUP,
                          auto_offset_reset="earliest", enable_auto_commit=False,
-                         key_deserializer=bytes.decode, value_deserializer=bytes.decode)
+                         key_deserializer=bytes.decode, value_deserializer=bytes.decode, **b.admin.client_config())
 
 
-def _read_all(bootstrap: str) -> dict[tuple[int, int], tuple[str, str]]:
+def _read_all(b: Broker) -> dict[tuple[int, int], tuple[str, str]]:
     """Every record of the topic, from the beginning, without a group."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             key_deserializer=bytes.decode, value_deserializer=bytes.decode)
+    consumer = KafkaConsumer(bootstrap_servers=b.bootstrap, group_id=None, enable_auto_commit=False,
+                             key_deserializer=bytes.decode, value_deserializer=bytes.decode, **b.admin.client_config())
     try:
         tps = [TopicPartition(TOPIC, p) for p in range(PARTITIONS)]
         consumer.assign(tps)
@@ -97,18 +99,18 @@ def test_records_and_committed_offsets_survive_a_kill_9(tmp_path: Path):
         formatted = time.monotonic() - t0
         first_start = b.start()
 
-        admin = KafkaAdminClient(bootstrap_servers=b.bootstrap)
+        admin = KafkaAdminClient(bootstrap_servers=b.bootstrap, **b.admin.client_config())
         try:
             admin.create_topics([NewTopic(TOPIC, num_partitions=PARTITIONS, replication_factor=1)],
                                 wait_for_metadata=True)
         finally:
             admin.close()
 
-        placed = _produce(b.bootstrap)
+        placed = _produce(b)
         assert len(placed) == N
         assert {p for p, _ in placed} == set(range(PARTITIONS)), "keys should spread over all 3 partitions"
 
-        consumer = _group_consumer(b.bootstrap)
+        consumer = _group_consumer(b)
         try:
             assert consumer.partitions_for_topic(TOPIC) == set(range(PARTITIONS))
             records = _drain(consumer, N)
@@ -139,8 +141,8 @@ def test_records_and_committed_offsets_survive_a_kill_9(tmp_path: Path):
         assert broker.format_storage(b.run_dir, b.config) is False
         second_start = b.start()
 
-        assert _read_all(b.bootstrap) == placed
-        consumer = _group_consumer(b.bootstrap)
+        assert _read_all(b) == placed
+        consumer = _group_consumer(b)
         try:
             assert {tp.partition: consumer.committed(tp) for tp in tps} == committed
             leftover = []

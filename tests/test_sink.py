@@ -14,7 +14,7 @@ import pytest
 from kafka import KafkaProducer
 
 from core import contracts
-from core.kafka import ensure_topics
+from core.kafka import SCORER, TAPS
 from greymesh.runtime import kafka as broker
 from audit.sink import Sink
 from audit.store import Store, StoreError, table_for
@@ -26,10 +26,11 @@ TOPIC = contracts.topic("l7")
 
 @pytest.fixture
 def kafka(tmp_path: Path) -> Iterator[Broker]:
+    # Secured as in a mesh: records are produced as the taps and the scorer; the tests' sinks
+    # join groups of their own, which only the admin may (the sink's principal has one group).
     b = Broker(tmp_path / "kafka")
     broker.format_storage(b.run_dir, b.config)
     b.start()
-    ensure_topics(b.bootstrap, [contracts.topic(layer) for layer in contracts.LAYERS])
     try:
         yield b
     finally:
@@ -45,7 +46,7 @@ def event(sidecar: str, i: int) -> dict[str, Any]:
 
 
 def produce(kafka: Broker, values: list[bytes]) -> None:
-    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", **kafka.auth(TAPS).client_config())
     for value in values:
         producer.send(TOPIC, key=b"payments", value=value)
     producer.flush(30)
@@ -76,7 +77,7 @@ def test_bad_records_are_counted_and_skipped_and_resent_events_stored_once(kafka
     ]
     produce(kafka, values)
     # A record limit below the broker's own (1 MiB), so that the broker lets one through.
-    sink = Sink(store, kafka.bootstrap, group=f"g-{sidecar}", layers=["l7"], max_record_bytes=200_000)
+    sink = Sink(store, kafka.bootstrap, auth=kafka.admin, group=f"g-{sidecar}", layers=["l7"], max_record_bytes=200_000)
     try:
         consume_until(sink, lambda: sink.stats.records >= len(values), "every record to be consumed")
         sink.flush()
@@ -114,7 +115,7 @@ def test_a_sink_crash_or_a_failed_insert_that_did_land_stores_nothing_twice(kafk
 
     # 1: the insert lands but reports failure; the retry must not insert it again.
     flaky = FailsAfterInserting(store)
-    sink = Sink(flaky, kafka.bootstrap, group=group, layers=["l7"])  # type: ignore[arg-type]
+    sink = Sink(flaky, kafka.bootstrap, auth=kafka.admin, group=group, layers=["l7"])  # type: ignore[arg-type]
     consume_until(sink, lambda: sink.stats.rows["l7"] >= 500, "the first records, through the failing insert")
     assert sink.stats.insert_failures == 1 and not flaky.armed
     assert [r[0] for r in stored(store, sidecar)] == sorted(e["event_id"] for e in events[:500])
@@ -130,7 +131,7 @@ def test_a_sink_crash_or_a_failed_insert_that_did_land_stores_nothing_twice(kafk
     assert before > 0
 
     # A new sink of the same group re-reads what was not committed.
-    sink = Sink(store, kafka.bootstrap, group=group, layers=["l7"])
+    sink = Sink(store, kafka.bootstrap, auth=kafka.admin, group=group, layers=["l7"])
     try:
         consume_until(sink, lambda: len(stored(store, sidecar)) >= 1_000 and not any(sink.stats.lag.values()),
                       "the rest of the topic")
@@ -151,11 +152,11 @@ def test_anomaly_events_are_stored_with_their_scores(kafka: Broker, store: Store
                       "service": f"svc-{run}", "state": "open", "score": 7.25, "threshold": 1.5} | fields
 
     events = [anomaly(0), anomaly(1, score=2, peak_score=3), anomaly(2, score="high")]
-    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all")
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", **kafka.auth(SCORER).client_config())
     producer.send(contracts.ANOMALY_TOPIC, key=b"svc", value=json.dumps(events).encode())
     producer.flush(30)
     producer.close()
-    sink = Sink(store, kafka.bootstrap, group=f"g-{run}", layers=["anomaly"])
+    sink = Sink(store, kafka.bootstrap, auth=kafka.admin, group=f"g-{run}", layers=["anomaly"])
     try:
         consume_until(sink, lambda: sink.stats.records >= 1, "the anomaly record to be consumed")
         sink.flush()

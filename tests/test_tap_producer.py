@@ -47,8 +47,10 @@ def kafka(tmp_path_factory):
         b.kill()
 
 
-def _create_topics(bootstrap: str, names: list[str], partitions: int = 3, configs: dict | None = None) -> None:
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+# The tests' own topics are no mesh topic the taps' principal may write: they produce and
+# read as the broker's admin (tests/test_security_kafka.py holds the principals' limits).
+def _create_topics(kafka: Broker, names: list[str], partitions: int = 3, configs: dict | None = None) -> None:
+    admin = KafkaAdminClient(bootstrap_servers=kafka.bootstrap, **kafka.admin.client_config())
     try:
         admin.create_topics([NewTopic(n, num_partitions=partitions, replication_factor=1, topic_configs=configs or {})
                              for n in names], wait_for_metadata=True)
@@ -56,10 +58,10 @@ def _create_topics(bootstrap: str, names: list[str], partitions: int = 3, config
         admin.close()
 
 
-def _read_all(bootstrap: str, topics: list[str], timeout: float = 60.0) -> list:
+def _read_all(kafka: Broker, topics: list[str], timeout: float = 60.0) -> list:
     """Every record of ``topics`` from the beginning up to their current end."""
-    consumer = KafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                             max_partition_fetch_bytes=4 << 20)
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
+                             max_partition_fetch_bytes=4 << 20, **kafka.admin.client_config())
     try:
         tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t))]
         consumer.assign(tps)
@@ -121,9 +123,9 @@ def _tap_value(i: int, service: str, seq: int) -> bytes:
 
 def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
     topics = [contracts.topic(layer) for layer in contracts.LAYERS]
-    _create_topics(kafka.bootstrap, topics)
+    _create_topics(kafka, topics)
     drops: list[tuple[int, int]] = []
-    producer = TapProducer(kafka.bootstrap, tmp_path / "spool", on_drop=lambda r, e: drops.append((r, e)))
+    producer = TapProducer(kafka.bootstrap, tmp_path / "spool", auth=kafka.admin, on_drop=lambda r, e: drops.append((r, e)))
     n, rate = 5_000, 200.0  # 25 s of ~3 KB records at a steady rate
     errors: list[BaseException] = []
 
@@ -161,7 +163,7 @@ def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
     finally:
         producer.close()
 
-    records = _read_all(kafka.bootstrap, topics)
+    records = _read_all(kafka, topics)
     values = [json.loads(r.value) for r in records]
     ids = [v["id"] for v in values]
     missing = set(range(n)) - set(ids)
@@ -184,12 +186,12 @@ def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
 
 def test_spool_full_drops_are_counted_reported_and_the_rest_arrives_in_order(kafka: Broker, tmp_path: Path, caplog):
     topic = "tap-test-spool-full"
-    _create_topics(kafka.bootstrap, [topic])
+    _create_topics(kafka, [topic])
     kafka.kill()
     drops: list[tuple[int, int]] = []
     n, keys = 200, [f"svc-{i}" for i in range(5)]
     caplog.set_level(logging.INFO, logger="greymesh.tapstream")
-    producer = TapProducer(kafka.bootstrap, tmp_path / "spool", max_spool_bytes=64 << 10,
+    producer = TapProducer(kafka.bootstrap, tmp_path / "spool", auth=kafka.admin, max_spool_bytes=64 << 10,
                            on_drop=lambda r, e: drops.append((r, e)))
     try:
         seq: dict[str, int] = defaultdict(int)
@@ -221,7 +223,7 @@ def test_spool_full_drops_are_counted_reported_and_the_rest_arrives_in_order(kaf
     assert str(full.dropped_records) in dropped_logs[-1].getMessage()
     assert not [r for r in caplog.records if "xxxxxxxx" in r.getMessage()], "record contents must not be logged"
 
-    records = _read_all(kafka.bootstrap, [topic])
+    records = _read_all(kafka, [topic])
     ids = {int(r.value[:6]) for r in records}
     # FIFO and equal sizes: the first `accepted` records were kept, every later one dropped.
     assert ids == set(range(accepted))
@@ -240,7 +242,7 @@ def _unused_address() -> str:
 
 def test_records_left_in_the_spool_are_delivered_by_the_next_producer(kafka: Broker, tmp_path: Path):
     topic = "tap-test-restart"
-    _create_topics(kafka.bootstrap, [topic], configs={"max.message.bytes": "200000"})
+    _create_topics(kafka, [topic], configs={"max.message.bytes": "200000"})
     spool_dir = tmp_path / "spool"
     # A collector that never reaches its broker (nothing listens there), then stops.
     first = TapProducer(_unused_address(), spool_dir)
@@ -254,7 +256,7 @@ def test_records_left_in_the_spool_are_delivered_by_the_next_producer(kafka: Bro
         first.send(topic, "svc-0", b"after close")
 
     drops: list[tuple[int, int]] = []
-    second = TapProducer(kafka.bootstrap, spool_dir, on_drop=lambda r, e: drops.append((r, e)))
+    second = TapProducer(kafka.bootstrap, spool_dir, auth=kafka.admin, on_drop=lambda r, e: drops.append((r, e)))
     try:
         st = _wait_drained(second)
         assert st.replayed_records == 50 and st.sent_events == 100
@@ -278,7 +280,7 @@ def test_records_left_in_the_spool_are_delivered_by_the_next_producer(kafka: Bro
     finally:
         second.close()
 
-    records = _read_all(kafka.bootstrap, [topic])
+    records = _read_all(kafka, [topic])
     by_key = defaultdict(list)
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         by_key[r.key].append(r.value)

@@ -4,29 +4,76 @@ local runtime and the tests.
 deploy/install.sh puts the pinned Kafka's jars (from Maven Central) in
 ``kafka_home()/libs``; there are no ``bin/*.sh`` scripts, so this module builds the
 ``java`` command lines those scripts would. A run directory holds everything one
-broker owns: ``server.properties``, ``log4j2.properties`` and the data under ``data/``.
+broker owns: ``server.properties`` (0600: it holds the SASL/PLAIN passwords of the broker
+and the admin), ``log4j2.properties`` and the data under ``data/``.
 
-    config = write_config(run_dir, port=9092, controller_port=9093)
+Security (docs/security.md, "Kafka"): both listeners take SASL only.  The KRaft controller
+listener admits the broker itself (PLAIN; KRaft cannot use SCRAM there, its credentials
+would live in the metadata the controller serves).  The client listener admits the broker
+and the runtime's admin (PLAIN, super users) and every component's own principal
+(SCRAM-SHA-512, created by the admin through the Admin API: no password on any argv), each
+allowed only what :data:`GRANTS` lists; StandardAuthorizer denies everything else.
+
+    issue_secrets(dd)                                         # at `up`: every principal's 0600 secret
+    config = write_config(run_dir, dd, port=9092, controller_port=9093)
     format_storage(run_dir, config)          # once; a no-op when already formatted
     proc = subprocess.Popen(broker_argv(config))
-    core.kafka.wait_ready("127.0.0.1:9092", timeout=60)   # readiness and topics: core/kafka.py
+    core.kafka.wait_ready("127.0.0.1:9092", timeout=60, auth=KafkaAuth.of(dd, ADMIN))
+    setup("127.0.0.1:9092", dd)              # topics, SCRAM credentials, ACLs (after every start)
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
+import os
+import re
 import shutil
 import subprocess
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-from core.contracts import ALERTS_TOPIC, LAYERS, topic
+from core import credentials
+from core.contracts import ALERTS_TOPIC, ANOMALY_TOPIC, LAYERS, topic
+from core.datadir import DataDir
 from core.installs import greymesh_home, pinned_versions
-from core.kafka import ensure_topics
+from core.kafka import (ADMIN, BROKER, PLAIN_PRINCIPALS, READER, SCORER, SCRAM_MECHANISM, SCRAM_PRINCIPALS,
+                        SECURITY_PROTOCOL, SINK, SINK_GROUP, TAPS, KafkaAuth, client_config, ensure_topics,
+                        secret_path)
 
 MAIN_CLASS = "kafka.Kafka"
 MESH_TOPICS = [*map(topic, LAYERS), ALERTS_TOPIC]  # every topic a mesh uses
+TAP_TOPICS = [topic(layer) for layer in LAYERS if topic(layer) != ANOMALY_TOPIC]  # what the tap service writes
+CLIENT_LISTENER, CONTROLLER_LISTENER = "CLIENT", "CONTROLLER"
+AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
+_PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
+_SCRAM_MODULE = "org.apache.kafka.common.security.scram.ScramLoginModule"
+# The passwords go into a JAAS string in server.properties: only characters that need no quoting.
+_JAAS_SAFE = re.compile(r"[A-Za-z0-9._~-]+")
+
+
+@dataclass(frozen=True)
+class Grant:
+    """One ACL: ``principal`` may do ``operation`` on the topic or consumer group ``name``."""
+
+    principal: str
+    operation: Literal["READ", "WRITE"]
+    resource: Literal["TOPIC", "GROUP"]
+    name: str
+
+
+# Everything a component may do; anything else is denied (allow.everyone.if.no.acl.found=false).
+# READ implies DESCRIBE (metadata, offsets); WRITE on a topic also allows the idempotent
+# producer's InitProducerId (KIP-679), so no principal holds a cluster-wide right.
+GRANTS: tuple[Grant, ...] = (
+    *(Grant(TAPS, "WRITE", "TOPIC", t) for t in (*TAP_TOPICS, ALERTS_TOPIC)),
+    *(Grant(SINK, "READ", "TOPIC", topic(layer)) for layer in LAYERS),
+    Grant(SINK, "READ", "GROUP", SINK_GROUP),
+    Grant(SCORER, "WRITE", "TOPIC", ANOMALY_TOPIC),
+    *(Grant(READER, "READ", "TOPIC", t) for t in MESH_TOPICS),  # the CLI's `taps tail` (no group)
+)
 STORAGE_TOOL = "kafka.tools.StorageTool"
 # Kafka's own scripts' defaults (kafka-run-class.sh), with a heap sized for a dev box.
 JVM_OPTS = (
@@ -73,11 +120,50 @@ def java() -> str:
     return path
 
 
-def write_config(dir: Path, *, port: int, controller_port: int, node_id: int = 1) -> Path:
-    """Write ``dir/server.properties`` for one combined broker+controller listening on
-    127.0.0.1 only (PLAINTEXT clients on ``port``, the KRaft quorum on ``controller_port``),
-    data in ``dir/data``; also writes the log4j2 config broker_argv() points the JVM at.
-    Returns the path of server.properties."""
+def issue_secrets(dd: DataDir) -> dict[str, Path]:
+    """Every Kafka principal's password, created (0600) unless it exists; principal -> file."""
+    paths = {p: secret_path(dd, p) for p in (*PLAIN_PRINCIPALS, *SCRAM_PRINCIPALS)}
+    for path in paths.values():
+        credentials.issue(path)
+    return paths
+
+
+def _jaas_password(auth: KafkaAuth) -> str:
+    password = auth.password()
+    if not _JAAS_SAFE.fullmatch(password):
+        raise credentials.CredentialError(
+            f"{auth.secret}: a Kafka password may hold only letters, digits and ._~-; remove the file "
+            "and run `greymesh up` again to issue a new one")
+    return password
+
+
+def _security_props(dd: DataDir) -> dict[str, str]:
+    """SASL on both listeners, PLAIN for the broker and admin, SCRAM for the components, ACLs."""
+    broker, admin = _jaas_password(KafkaAuth.of(dd, BROKER)), _jaas_password(KafkaAuth.of(dd, ADMIN))
+    me = f'username="{BROKER}" password="{broker}" user_{BROKER}="{broker}"'
+    client, controller = CLIENT_LISTENER.lower(), CONTROLLER_LISTENER.lower()
+    return {
+        "listener.security.protocol.map": f"{CLIENT_LISTENER}:{SECURITY_PROTOCOL},{CONTROLLER_LISTENER}:{SECURITY_PROTOCOL}",
+        "sasl.mechanism.controller.protocol": "PLAIN",
+        "sasl.mechanism.inter.broker.protocol": "PLAIN",
+        f"listener.name.{controller}.sasl.enabled.mechanisms": "PLAIN",
+        f"listener.name.{controller}.plain.sasl.jaas.config": f"{_PLAIN_MODULE} required {me};",
+        f"listener.name.{client}.sasl.enabled.mechanisms": f"{SCRAM_MECHANISM},PLAIN",
+        f"listener.name.{client}.plain.sasl.jaas.config": f'{_PLAIN_MODULE} required {me} user_{ADMIN}="{admin}";',
+        # The server side of SCRAM needs a login module too; the credentials come from the metadata.
+        f"listener.name.{client}.{SCRAM_MECHANISM.lower()}.sasl.jaas.config": f"{_SCRAM_MODULE} required;",
+        "authorizer.class.name": AUTHORIZER,
+        "allow.everyone.if.no.acl.found": "false",
+        "super.users": ";".join(f"User:{p}" for p in PLAIN_PRINCIPALS),
+    }
+
+
+def write_config(dir: Path, dd: DataDir, *, port: int, controller_port: int, node_id: int = 1) -> Path:
+    """Write ``dir/server.properties`` (0600) for one combined broker+controller listening on
+    127.0.0.1 only (SASL clients on ``port``, the SASL-authenticated KRaft quorum on
+    ``controller_port``), data in ``dir/data``, the broker's and admin's passwords read from
+    ``dd``'s secrets (:func:`issue_secrets` first); also writes the log4j2 config
+    broker_argv() points the JVM at.  Returns the path of server.properties."""
     dir = Path(dir).resolve()
     dir.mkdir(parents=True, exist_ok=True)
     props = {
@@ -85,11 +171,11 @@ def write_config(dir: Path, *, port: int, controller_port: int, node_id: int = 1
         "process.roles": "broker,controller",
         "node.id": str(node_id),
         "controller.quorum.bootstrap.servers": f"127.0.0.1:{controller_port}",
-        "controller.listener.names": "CONTROLLER",
-        "listeners": f"PLAINTEXT://127.0.0.1:{port},CONTROLLER://127.0.0.1:{controller_port}",
-        "advertised.listeners": f"PLAINTEXT://127.0.0.1:{port}",
-        "inter.broker.listener.name": "PLAINTEXT",
-        "listener.security.protocol.map": "PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+        "controller.listener.names": CONTROLLER_LISTENER,
+        "listeners": f"{CLIENT_LISTENER}://127.0.0.1:{port},{CONTROLLER_LISTENER}://127.0.0.1:{controller_port}",
+        "advertised.listeners": f"{CLIENT_LISTENER}://127.0.0.1:{port}",
+        "inter.broker.listener.name": CLIENT_LISTENER,
+        **_security_props(dd),
         "log.dirs": str(dir / "data"),
         # Topics are created on purpose, with 3 partitions unless said otherwise.
         "num.partitions": "3",
@@ -112,7 +198,12 @@ def write_config(dir: Path, *, port: int, controller_port: int, node_id: int = 1
         "num.io.threads": "4",
     }
     config = dir / "server.properties"
-    config.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+    tmp = config.with_name(config.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, credentials.SECRET_FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write("".join(f"{k}={v}\n" for k, v in props.items()))
+    os.replace(tmp, config)
     (dir / "log4j2.properties").write_text(LOG4J2)
     return config
 
@@ -171,14 +262,53 @@ def broker_argv(config: Path) -> list[str]:
     ]
 
 
+def setup(bootstrap: str, dd: DataDir) -> list[str]:
+    """As the admin: create the mesh's missing topics, set every component's SCRAM
+    credential from its secret, and make the ACLs exactly :data:`GRANTS`.  Idempotent;
+    returns the topics created."""
+    from kafka import KafkaAdminClient
+    from kafka.admin import (ACL, ACLFilter, ACLOperation, ACLPermissionType, ACLResourcePatternType,
+                             ResourcePattern, ResourcePatternFilter, ResourceType, ScramMechanism,
+                             UserScramCredentialUpsertion)
+
+    auth = KafkaAuth.of(dd, ADMIN)
+    created = ensure_topics(bootstrap, MESH_TOPICS, auth=auth)
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="greymesh-setup", request_timeout_ms=10_000,
+                             **client_config(auth))
+    try:
+        # Set every time: a secret re-issued since the last `up` takes effect now.
+        failed = {user: why for user, why in admin.alter_user_scram_credentials(
+            [UserScramCredentialUpsertion(p, ScramMechanism.SCRAM_SHA_512, KafkaAuth.of(dd, p).password())
+             for p in SCRAM_PRINCIPALS]).items() if why}
+        if failed:
+            raise RuntimeError(f"Kafka refused SCRAM credentials: {failed}")
+        wanted = {ACL(f"User:{g.principal}", "*", ACLOperation[g.operation], ACLPermissionType.ALLOW,
+                      ResourcePattern(ResourceType[g.resource], g.name, ACLResourcePatternType.LITERAL))
+                  for g in GRANTS}
+        every = ACLFilter(None, None, ACLOperation.ANY, ACLPermissionType.ANY,
+                          ResourcePatternFilter(ResourceType.ANY, None, ACLResourcePatternType.ANY))
+        present, _ = admin.describe_acls(every)  # raises on an error
+        if stale := [a for a in present if a not in wanted]:  # from an older greymesh, or added by hand
+            admin.delete_acls(stale)
+        if missing := [a for a in wanted if a not in set(present)]:
+            result = admin.create_acls(missing)
+            if result["failed"]:
+                raise RuntimeError(f"Kafka refused ACLs: {result['failed']}")
+        return created
+    finally:
+        admin.close()
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`python -m greymesh.runtime.kafka --ensure-topics BOOTSTRAP`: create the mesh's topics
-    (what the supervisor runs once the local broker is ready)."""
+    """`python -m greymesh.runtime.kafka --setup BOOTSTRAP --data-dir DIR`: :func:`setup`
+    (what the supervisor runs after every start of the local broker, once it is ready)."""
     p = argparse.ArgumentParser(prog="python -m greymesh.runtime.kafka")
-    p.add_argument("--ensure-topics", metavar="BOOTSTRAP", required=True)
+    p.add_argument("--setup", metavar="BOOTSTRAP", required=True)
+    p.add_argument("--data-dir", type=Path, required=True, help="the mesh whose secrets/kafka/ holds the passwords")
     args = p.parse_args(argv)
-    created = ensure_topics(args.ensure_topics, MESH_TOPICS)
-    print(f"created topics {', '.join(created)}" if created else "every topic exists")
+    created = setup(args.setup, DataDir(args.data_dir))
+    print(f"created topics {', '.join(created)}; " if created else "every topic exists; ", end="")
+    print(f"credentials and {len(GRANTS)} ACLs set for {', '.join(SCRAM_PRINCIPALS)}")
     return 0
 
 

@@ -358,7 +358,8 @@ def _prepare_infrastructure(dd: DataDir, endpoints: Endpoints, progress: Progres
         credentials.issue(token_file)
     if endpoints.kafka is None:
         run_dir = dd.root / "kafka"
-        config = broker.write_config(run_dir, port=endpoints.ports[KAFKA],
+        broker.issue_secrets(dd)  # every principal's password; the broker's config holds two of them
+        config = broker.write_config(run_dir, dd, port=endpoints.ports[KAFKA],
                                      controller_port=endpoints.ports[KAFKA_CONTROLLER])
         try:
             if broker.format_storage(run_dir, config):

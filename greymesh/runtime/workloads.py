@@ -30,6 +30,7 @@ from core.endpoints import (
 )
 from core.installs import opa_binary
 from core.jsonhttp import HEALTH_PATH
+from core.kafka import ADMIN, SCORER, SINK, TAPS, mesh_auth, secret_path
 from core.sidecar_auth import SidecarIdentity, SidecarKey, purpose_secret
 from greymesh.runtime import kafka as broker
 from greymesh.runtime import opa
@@ -43,10 +44,12 @@ STORE_PASSWORD = "store.password"  # the secret holding a server store's passwor
 class Probe:
     """How the supervisor tells a workload is ready: an HTTP 200 at ``target`` (a URL),
     a TCP connect to ``target`` (host:port), a ready Kafka broker at ``target``
-    (bootstrap servers), or nothing to wait for."""
+    (bootstrap servers; asked as the principal whose password file is ``secret``, if any),
+    or nothing to wait for."""
 
     kind: ProbeKind
     target: str = ""
+    secret: str = ""  # a Kafka probe's credential file (core.kafka.KafkaAuth.from_secret), never its value
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,13 @@ def _python(module: str, *args: str) -> tuple[str, ...]:
     return (sys.executable, "-m", module, *args)
 
 
+def _kafka_secret(dd: DataDir, endpoints: Endpoints, principal: str) -> tuple[str, ...]:
+    """A component's ``--kafka-secret``: the path of its principal's password, for the local
+    broker (an external cluster given with ``--kafka`` gets no credential from greymesh)."""
+    auth = mesh_auth(dd, endpoints, principal)
+    return ("--kafka-secret", str(auth.secret)) if auth is not None else ()
+
+
 def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placement, envoy: str,
           options: Options) -> Table:
     """The whole mesh as a table: infrastructure, the audit pipe, authorization, the control
@@ -160,8 +170,8 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
     if endpoints.kafka is None:
         rows.append(Workload(
             "kafka", tuple(broker.broker_argv(dd.root / "kafka" / "server.properties")), "infrastructure",
-            ready=Probe("kafka", kafka), ports=(KAFKA,), stop_grace_s=30.0,
-            on_ready=_python("greymesh.runtime.kafka", "--ensure-topics", kafka)))
+            ready=Probe("kafka", kafka, secret=str(secret_path(dd, ADMIN))), ports=(KAFKA,), stop_grace_s=30.0,
+            on_ready=_python("greymesh.runtime.kafka", "--setup", kafka, "--data-dir", str(dd.root))))
         pipe_after = ("kafka",)
     # Two tap services: the sidecars' access-log cluster lists both and health-checks them, so
     # a crashed one's streams move to the other (docs/faults.md).  Each has its own spool: the
@@ -170,14 +180,15 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
         state = dd.root if name == "taps" else dd.root / name
         rows.append(Workload(
             name, _python("tapstream.service", "--data-dir", str(state), "--grpc-port", str(p[als]),
-                          "--http-port", str(p[http]), "--kafka", kafka,
+                          "--http-port", str(p[http]), "--kafka", kafka, *_kafka_secret(dd, endpoints, TAPS),
                           "--opa-token-file", str(dd.secret(DECISIONLOG_TOKEN)), "--api-token-file", str(dd.api_token),
                           "--sidecar-key-file", str(dd.secret(purpose_secret("als")))),
             "infrastructure", ready=Probe("http", endpoints.url(http) + HEALTH_PATH), after=pipe_after,
             ports=(als, http)))
     rows.append(Workload(
-        "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, "--http-port", str(p[SINK_HTTP]),
-                        "--api-token-file", str(dd.api_token), "--scorer-token-file", str(dd.secret(SCORER_TOKEN)),
+        "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, *_kafka_secret(dd, endpoints, SINK),
+                        "--http-port", str(p[SINK_HTTP]), "--api-token-file", str(dd.api_token),
+                        "--scorer-token-file", str(dd.secret(SCORER_TOKEN)),
                         *(["--store", endpoints.store] if endpoints.store else []),
                         # The path of the server's password, never the password (core/credentials.py).
                         *(["--store-password-file", str(dd.secret(STORE_PASSWORD))]
@@ -187,6 +198,7 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
     rows.append(Workload(
         "scorer", _python("ml.scorer", "--sink-url", endpoints.url(SINK_HTTP),
                           "--sink-token-file", str(dd.secret(SCORER_TOKEN)), "--kafka", kafka,
+                          *_kafka_secret(dd, endpoints, SCORER),
                           "--registry", str(dd.models), "--stats", str(dd.scorer_stats),
                           *(["--auto-train-minutes", str(options.auto_train_minutes)]
                             if options.auto_train_minutes is not None else [])),

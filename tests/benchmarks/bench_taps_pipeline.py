@@ -53,7 +53,7 @@ from envoy.service.accesslog.v3 import als_pb2  # noqa: E402
 from audit.sink import EventDecoder  # noqa: E402
 from audit.store import open_store, table_for  # noqa: E402
 from core import contracts  # noqa: E402
-from core.kafka import ensure_topics  # noqa: E402
+from core.kafka import SINK, TAPS, ensure_topics  # noqa: E402
 from greymesh.runtime import kafka as broker  # noqa: E402
 from core.datadir import DataDir  # noqa: E402
 from core.sidecar_auth import SidecarIdentity, SidecarKey, SidecarTokens  # noqa: E402
@@ -338,7 +338,7 @@ class _Keep:
         self.records.append((topic, key, value, events))
 
 
-def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work: Path, n_events: int) -> dict:
+def raw_parts(recorded: list[bytes], kafka: Broker, store_url: str | None, work: Path, n_events: int) -> dict:
     replay = Replay(recorded, rate=1.0, seconds=n_events, epoch=time.time_ns() // 1000)
     keep = _Keep()
     collector = Collector(keep, SidecarKey("bench").tokens("als"))
@@ -355,7 +355,8 @@ def raw_parts(recorded: list[bytes], bootstrap: str, store_url: str | None, work
 
     from tapstream.producer import PRODUCER_DEFAULTS
 
-    producer = KafkaProducer(bootstrap_servers=bootstrap, **PRODUCER_DEFAULTS)
+    # RAW_TOPIC is no mesh topic, so as the admin; the pipe below runs as the taps and the sink.
+    producer = KafkaProducer(bootstrap_servers=kafka.bootstrap, **PRODUCER_DEFAULTS, **kafka.admin.client_config())
     t = time.perf_counter()
     for _, key, value, _ in records:  # not the tap topic: the pipe's sink must not see these
         producer.send(RAW_TOPIC, key=key.encode(), value=value)
@@ -440,9 +441,9 @@ def main() -> int:
         print("starting Kafka ...", flush=True)
         broker.format_storage(kafka.run_dir, kafka.config)
         kafka.start()
-        ensure_topics(kafka.bootstrap, [*broker.MESH_TOPICS, RAW_TOPIC])
+        ensure_topics(kafka.bootstrap, [*broker.MESH_TOPICS, RAW_TOPIC], auth=kafka.admin)
         print("raw parts ...", flush=True)
-        raw = raw_parts(recorded, kafka.bootstrap, args.store, work, args.raw_events)
+        raw = raw_parts(recorded, kafka, args.store, work, args.raw_events)
         print(f"  {raw}", flush=True)
 
         taps_port, taps_http, sink_http = free_ports(3)
@@ -450,9 +451,10 @@ def main() -> int:
         sidecars = SidecarKey.issue(mesh_dir)
         procs.start("taps", [sys.executable, "-m", "tapstream.service", "--data-dir", str(work / "mesh"),
                              "--grpc-port", str(taps_port), "--http-port", str(taps_http), "--kafka", kafka.bootstrap,
+                             "--kafka-secret", str(kafka.auth(TAPS).secret),
                              "--sidecar-key-file", str(sidecars.hand_out(mesh_dir, "als"))])
         procs.start("sink", [sys.executable, "-m", "audit.sink", "--data-dir", str(work / "mesh"), "--kafka",
-                             kafka.bootstrap, "--http-port", str(sink_http),
+                             kafka.bootstrap, "--kafka-secret", str(kafka.auth(SINK).secret), "--http-port", str(sink_http),
                              *(["--store", args.store] if args.store else [])])
         procs.running["kafka"] = kafka.proc  # for its CPU seconds; stopped by kafka.kill()
 

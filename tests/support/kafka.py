@@ -1,4 +1,6 @@
-"""A real single-node Kafka broker (KRaft) for tests, in a temporary directory."""
+"""A real single-node Kafka broker (KRaft) for tests, in a temporary directory, secured as
+`greymesh up` secures it: SASL on both listeners, every principal's password a 0600 file
+under ``<run dir>/secrets/kafka/``, SCRAM credentials and ACLs set after every start."""
 
 from __future__ import annotations
 
@@ -6,7 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from core.kafka import wait_ready
+from core.datadir import DataDir
+from core.kafka import ADMIN, KafkaAuth, wait_ready
 from greymesh.runtime import kafka as broker
 from tests.support.net import free_port
 
@@ -18,23 +21,39 @@ class Broker:
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        self.dd = DataDir(run_dir)  # only its secrets/ is used
         self.port, self.controller_port = free_port(), free_port()
         self.bootstrap = f"127.0.0.1:{self.port}"
-        self.config = broker.write_config(run_dir, port=self.port, controller_port=self.controller_port)
+        broker.issue_secrets(self.dd)
+        self.config = broker.write_config(run_dir, self.dd, port=self.port, controller_port=self.controller_port)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = run_dir / "broker.log"
+        self.setup_s = 0.0  # what the last start spent in broker.setup (topics, credentials, ACLs)
+
+    def auth(self, principal: str) -> KafkaAuth:
+        """The credential of one of the mesh's principals (core.kafka)."""
+        return KafkaAuth.of(self.dd, principal)
+
+    @property
+    def admin(self) -> KafkaAuth:
+        """The runtime's admin: a super user, for tests that make topics and groups of their own."""
+        return self.auth(ADMIN)
 
     def start(self) -> float:
-        """Start the JVM and wait until it serves; returns the seconds that took."""
+        """Start the JVM, wait until it serves, and set the mesh's topics, credentials and
+        ACLs as the supervisor's on_ready does; returns the seconds that took."""
         t0 = time.monotonic()
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(broker.broker_argv(self.config), cwd=self.run_dir,
                                          stdout=out, stderr=subprocess.STDOUT)
         try:
-            wait_ready(self.bootstrap, timeout=READY_TIMEOUT)
+            wait_ready(self.bootstrap, timeout=READY_TIMEOUT, auth=self.admin)
         except TimeoutError as exc:
             raise AssertionError(f"{exc}\n--- broker log ---\n{self.log.read_text()[-4000:]}") from exc
         assert self.proc.poll() is None, self.log.read_text()[-4000:]
+        t1 = time.monotonic()
+        broker.setup(self.bootstrap, self.dd)
+        self.setup_s = time.monotonic() - t1
         return time.monotonic() - t0
 
     def kill(self) -> None:
