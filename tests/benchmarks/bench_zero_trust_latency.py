@@ -78,10 +78,14 @@ from tests.benchmarks.openloop import run  # noqa: E402
 from tests.benchmarks.procs import Procs, free_ports, machine, slug, stop_on_signals, verdict  # noqa: E402
 from tests.support.mesh import DEMO_SPEC, envoy_stat, wait_for  # noqa: E402
 
+# argv: port, OPA's decision-log token file, a CLI token file (the receiver requires both holders).
 DISCARDING_RECEIVER = (
     "import sys, threading\n"
-    "from tapstream.decisionlog import DecisionLogReceiver\n"
-    "DecisionLogReceiver(lambda records: None, port=int(sys.argv[1])).start()\n"
+    "from pathlib import Path\n"
+    "from core.jsonhttp import CLI, Credential\n"
+    "from tapstream.decisionlog import OPA, DecisionLogReceiver, receiver_access\n"
+    "access = receiver_access(Credential.load(OPA, Path(sys.argv[2])), Credential.load(CLI, Path(sys.argv[3])))\n"
+    "DecisionLogReceiver(lambda records: None, access, port=int(sys.argv[1])).start()\n"
     "threading.Event().wait()\n"
 )
 
@@ -275,7 +279,9 @@ class Bench:
         if self.decision_log:
             # The receiver's own work, not where records go, is what OPA's reporting costs:
             # it runs as its own process with a sink that discards (no Kafka here).
-            self.procs.start("decision-log receiver", [sys.executable, "-c", DISCARDING_RECEIVER, str(receiver)])
+            credentials.issue(dd.api_token)
+            self.procs.start("decision-log receiver", [sys.executable, "-c", DISCARDING_RECEIVER, str(receiver),
+                                                       str(dd.secret(DECISIONLOG_TOKEN)), str(dd.api_token)])
         else:
             files.config.write_text("{}")
         self.procs.start("opa", opa_runtime.opa_argv(opa, f"{HOST}:{self.opa_port}", files))
