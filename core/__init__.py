@@ -5,7 +5,7 @@
     endpoints.py  how a component finds another: the mesh's ports and addresses
     contracts.py  topics, event schemas, roll-up columns and OPA paths, defined once
     jsonhttp.py   the one JSON-over-HTTP server base and client
-    kafka.py      the one Kafka helper: readiness and topics
+    kafka.py      the one Kafka helper: client credentials (KafkaAuth), readiness and topics
     storeclient.py  the one client of the tap store (the sink's read-only /query API)
     errors.py     errors every command maps to an exit code
 

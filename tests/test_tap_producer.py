@@ -122,8 +122,7 @@ def _tap_value(i: int, service: str, seq: int) -> bytes:
 
 
 def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
-    topics = [contracts.topic(layer) for layer in contracts.LAYERS]
-    _create_topics(kafka, topics)
+    topics = [contracts.topic(layer) for layer in contracts.LAYERS]  # Broker.start's setup created them
     drops: list[tuple[int, int]] = []
     producer = TapProducer(kafka.bootstrap, tmp_path / "spool", auth=kafka.admin, on_drop=lambda r, e: drops.append((r, e)))
     n, rate = 5_000, 200.0  # 25 s of ~3 KB records at a steady rate
