@@ -143,7 +143,8 @@ def _security_props(dd: DataDir) -> dict[str, str]:
     me = f'username="{BROKER}" password="{broker}" user_{BROKER}="{broker}"'
     client, controller = CLIENT_LISTENER.lower(), CONTROLLER_LISTENER.lower()
     return {
-        "listener.security.protocol.map": f"{CLIENT_LISTENER}:{SECURITY_PROTOCOL},{CONTROLLER_LISTENER}:{SECURITY_PROTOCOL}",
+        "listener.security.protocol.map": ",".join(f"{name}:{SECURITY_PROTOCOL}"
+                                                   for name in (CLIENT_LISTENER, CONTROLLER_LISTENER)),
         "sasl.mechanism.controller.protocol": "PLAIN",
         "sasl.mechanism.inter.broker.protocol": "PLAIN",
         f"listener.name.{controller}.sasl.enabled.mechanisms": "PLAIN",
@@ -277,8 +278,9 @@ def setup(bootstrap: str, dd: DataDir) -> list[str]:
                              **client_config(auth))
     try:
         # Set every time: a secret re-issued since the last `up` takes effect now.
+        mechanism = ScramMechanism[SCRAM_MECHANISM.replace("-", "_")]
         failed = {user: why for user, why in admin.alter_user_scram_credentials(
-            [UserScramCredentialUpsertion(p, ScramMechanism.SCRAM_SHA_512, KafkaAuth.of(dd, p).password())
+            [UserScramCredentialUpsertion(p, mechanism, KafkaAuth.of(dd, p).password())
              for p in SCRAM_PRINCIPALS]).items() if why}
         if failed:
             raise RuntimeError(f"Kafka refused SCRAM credentials: {failed}")
