@@ -155,7 +155,9 @@ class SinkStats:
     lag: dict[str, int] = field(default_factory=dict)  # topic -> records not yet consumed
     last_error: str = ""
     last_insert_unix: float = 0.0
-SESSION_TIMEOUT_MS = 10_000  # kafka-python's default is 45 s
+# A killed sink's partitions wait this long for the restarted one (kafka-python's default
+# is 45 s).  6 s is the least a broker accepts by default (group.min.session.timeout.ms).
+SESSION_TIMEOUT_MS = 6_000
 
 
 class Sink:
@@ -180,7 +182,7 @@ class Sink:
             # A killed sink's partitions go to the group again (a restarted sink, or another)
             # once its session expires.  Static membership (group_instance_id) would skip the
             # wait, but kafka-python's static member did not rejoin after a broker restart.
-            session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=SESSION_TIMEOUT_MS // 5,
+            session_timeout_ms=SESSION_TIMEOUT_MS, heartbeat_interval_ms=SESSION_TIMEOUT_MS // 6,
             **client_config(auth),
         )
         # kafka-python calls the listener on its I/O thread, where no blocking call (the
@@ -433,10 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         access = api_access(args.api_token_file, args.scorer_token_file)
         kafka_auth = auth_from_args(args)
+        password = credentials.read(args.store_password_file) if args.store_password_file else ""
     except CredentialError as exc:
         log.error("%s", exc)
         return 2
-    password = credentials.read(args.store_password_file) if args.store_password_file else ""
     store = open_store(args.store, data_dir=args.data_dir, password=password)
     applied = store.migrate()
     log.info("store %s: migrations applied now: %s", store.url, applied or "none (up to date)")
