@@ -324,16 +324,6 @@ def up(
         return endpoints
 
 
-def _keep_store_password(dd: DataDir, store: str | None, password: str | None) -> None:
-    """Keep a server store's password where only the sink reads it (a 0600 secret whose
-    path, never value, is on the sink's command line); a new store without one drops it."""
-    path = dd.secret(workloads.STORE_PASSWORD)
-    if password is not None or store is not None:
-        path.unlink(missing_ok=True)
-    if password:
-        credentials.issue(path, password)
-
-
 def _entrypoint_ca(dd: DataDir, spec: MeshSpec) -> str:
     """What clients of the ingress trust: the certificate mesh.yaml gives it, or the bundle
     of the mesh CA that issues it one (the control plane's CA directory)."""
@@ -349,6 +339,16 @@ def _entrypoint_ok(endpoints: Endpoints) -> bool:
     except OSError:
         return False
     return jsonhttp.http_ok(endpoints.entrypoint, context=context)
+
+
+def _keep_store_password(dd: DataDir, store: str | None, password: str | None) -> None:
+    """Keep a server store's password where only the sink reads it (a 0600 secret whose
+    path, never value, is on the sink's command line); a new store without one drops it."""
+    path = dd.secret(workloads.STORE_PASSWORD)
+    if password is not None or store is not None:
+        path.unlink(missing_ok=True)
+    if password:
+        credentials.issue(path, password)
 
 
 def _prepare_infrastructure(dd: DataDir, endpoints: Endpoints, progress: Progress) -> None:
