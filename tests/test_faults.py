@@ -172,7 +172,7 @@ def caught_up(mesh: Mesh) -> bool:
     """Nothing waits in the pipe: no tap service spools, the sink has its partitions and no l7 lag."""
     ports = mesh.ports()
     try:
-        spools = [_json(f"http://127.0.0.1:{ports[k]}/stats")["producer"]["spool_records"]
+        spools = [_json(mesh, f"http://127.0.0.1:{ports[k]}/stats")["producer"]["spool_records"]
                   for k in ("taps.http", "taps-2.http") if k in ports]
         lag = mesh.sink_stats()["lag"]
     except (OSError, ValueError, KeyError):
@@ -180,9 +180,8 @@ def caught_up(mesh: Mesh) -> bool:
     return not any(spools) and lag.get("greymesh.tap.l7") == 0
 
 
-def _json(url: str) -> dict:
-    with urllib.request.urlopen(url, timeout=5) as resp:
-        return json.loads(resp.read())
+def _json(mesh: Mesh, url: str) -> dict:
+    return mesh.api(url, timeout=5)
 
 
 def stores_again(mesh: Mesh, prefix: str, since: float) -> bool:
@@ -268,8 +267,7 @@ def test_controlplane(mesh: Mesh):
 
     def serving(_: float) -> bool:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{admin}/status", timeout=2) as resp:
-                nodes = json.loads(resp.read()).get("nodes", {})
+            nodes = mesh.api(f"http://127.0.0.1:{admin}/status", timeout=2).get("nodes", {})
         except (OSError, ValueError):
             return False
         return len(nodes) == 5 and all(n.get("connected") and n.get("in_sync") for n in nodes.values())
@@ -292,7 +290,7 @@ def test_sink(mesh: Mesh):
     port = mesh.ports()["sink.http"]
 
     def serving(killed_at: float) -> bool:
-        return http_ok(f"http://127.0.0.1:{port}/stats") and stores_again(mesh, "/anything/faults/sink-", killed_at)
+        return http_ok(f"http://127.0.0.1:{port}/healthz") and stores_again(mesh, "/anything/faults/sink-", killed_at)
 
     row = measure(mesh, "sink", serving, back_within_s=30.0)
     assert row.failed == 0 and row.lost == 0
@@ -317,13 +315,13 @@ def test_tap_collector(mesh: Mesh):
     with an active TCP health check: the killed one's connections close, the check marks it
     unhealthy at once, and the next flush of every logger opens its stream on the other."""
     ports = mesh.ports()
-    other_before = _json(f"http://127.0.0.1:{ports['taps-2.http']}/stats")["collector"]
+    other_before = _json(mesh, f"http://127.0.0.1:{ports['taps-2.http']}/stats")["collector"]
 
     def serving(_: float) -> bool:
-        return http_ok(f"http://127.0.0.1:{ports['taps.http']}/stats") and tcp_ok(ports["taps.grpc"])
+        return http_ok(f"http://127.0.0.1:{ports['taps.http']}/healthz") and tcp_ok(ports["taps.grpc"])
 
     row = measure(mesh, "taps", serving)
-    other = _json(f"http://127.0.0.1:{ports['taps-2.http']}/stats")["collector"]
+    other = _json(mesh, f"http://127.0.0.1:{ports['taps-2.http']}/stats")["collector"]
     assert other["streams"] > other_before["streams"], "no stream moved to the other collector"
     assert row.failed == 0
     # What a kill -9 can still lose: batches the dead collector had read but not yet handed
@@ -371,7 +369,7 @@ def test_kafka(mesh: Mesh):
 
     def serving(killed_at: float) -> bool:
         try:
-            producers = [_json(f"http://127.0.0.1:{ports[k]}/stats")["producer"] for k in ("taps.http", "taps-2.http")]
+            producers = [_json(mesh, f"http://127.0.0.1:{ports[k]}/stats")["producer"] for k in ("taps.http", "taps-2.http")]
         except (OSError, ValueError, KeyError):
             return False
         return all(p["broker_up"] and p["spool_records"] == 0 for p in producers) and \

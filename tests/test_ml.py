@@ -215,13 +215,7 @@ def test_a_corrupt_or_incompatible_version_is_refused_and_the_previous_one_keeps
 def test_a_model_file_cannot_run_code_when_loaded(tmp_path: Path) -> None:
     reg = Registry(tmp_path / "models")
     reg.save(mesh_model("pca"))
-    evil = pickle.dumps(subprocess.Popen)  # a global outside numpy/sklearn: refused by name
-    target = tmp_path / "models" / "v0001" / "orders.pkl"
-    target.write_bytes(evil)
-    manifest = tmp_path / "models" / "v0001" / "manifest.json"
-    doc = json.loads(manifest.read_text())
-    doc["services"]["orders"]["sha256"] = hashlib.sha256(evil).hexdigest()
-    manifest.write_text(json.dumps(doc))
+    _plant(tmp_path / "models" / "v0001", "orders", pickle.dumps(subprocess.Popen))  # a global outside numpy/sklearn
     with pytest.raises(ModelError, match=r"orders\.pkl: not a usable pca model .*refusing to load subprocess\.Popen"):
         reg.load()
 
@@ -233,15 +227,20 @@ def test_a_dotted_name_under_an_admitted_module_cannot_reach_os_system(tmp_path:
     evil = _pickle_call("sklearn", "os.system", f"touch {canary}")
     reg = Registry(tmp_path / "models")
     reg.save(mesh_model("iforest"))
-    target = tmp_path / "models" / "v0001" / "orders.pkl"
-    target.write_bytes(evil)
-    manifest = tmp_path / "models" / "v0001" / "manifest.json"
-    doc = json.loads(manifest.read_text())
-    doc["services"]["orders"]["sha256"] = hashlib.sha256(evil).hexdigest()
-    manifest.write_text(json.dumps(doc))
+    _plant(tmp_path / "models" / "v0001", "orders", evil)
     with pytest.raises(ModelError, match=r"refusing to load sklearn\.os\.system"):
         reg.load()
     assert not canary.exists()
+
+
+def _plant(version: Path, service: str, payload: bytes) -> None:
+    """Replace a service's model file with ``payload`` and fix its checksum in the manifest:
+    what someone who can write the registry could do."""
+    (version / f"{service}.pkl").write_bytes(payload)
+    manifest = version / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc["services"][service]["sha256"] = hashlib.sha256(payload).hexdigest()
+    manifest.write_text(json.dumps(doc))
 
 
 def _pickle_call(module: str, name: str, arg: str) -> bytes:

@@ -109,7 +109,7 @@ def test_n_requests_give_n_l7_rows_with_their_fields_and_matching_l3_l4_rows(mes
     l4 = mesh.query(f"SELECT bytes_in, bytes_out, tls_version, termination FROM tap_l4 WHERE connection_id IN ('{ids}')")
     assert len(l4) == n
     assert all(c["bytes_in"] > 0 and c["bytes_out"] >= min(r["response_bytes"] for r in rows) for c in l4)
-    assert {c["tls_version"] for c in l4} == {""}  # the ingress is plaintext from outside the mesh
+    assert {c["tls_version"] for c in l4} == {"TLSv1_3"}  # the ingress is TLS from outside the mesh too
 
     # Inside the mesh: orders served each of them (the demo services pass x-request-id on),
     # over mTLS from frontend, allowed by policy.

@@ -201,18 +201,18 @@ class Mesh:
 
     def stats(self) -> dict:
         """The tap service's counters (collector, producer, decisions)."""
-        return self._api(f"http://127.0.0.1:{self.ports()['taps.http']}/stats")
+        return self.api(f"http://127.0.0.1:{self.ports()['taps.http']}/stats")
 
     def sink_stats(self) -> dict:
-        return self._api(f"http://127.0.0.1:{self.ports()['sink.http']}/stats")
+        return self.api(f"http://127.0.0.1:{self.ports()['sink.http']}/stats")
 
     def query(self, sql: str) -> list[dict]:
         """Rows of a read-only query against the tap store, through the sink's API
         (what `greymesh taps query` uses)."""
-        doc = self._api(f"http://127.0.0.1:{self.ports()['sink.http']}/query", {"sql": sql}, timeout=30)
+        doc = self.api(f"http://127.0.0.1:{self.ports()['sink.http']}/query", {"sql": sql}, timeout=30)
         return [dict(zip(doc["columns"], row)) for row in doc["rows"]]
 
-    def _api(self, url: str, body: dict | None = None, timeout: float = 10) -> dict:
+    def api(self, url: str, body: dict | None = None, timeout: float = 10) -> dict:
         """A greymesh API's JSON answer, asked as the CLI asks (its token; a body as JSON)."""
         headers = {"Authorization": f"Bearer {self.api_token()}"}
         if body is not None:
