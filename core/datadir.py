@@ -138,7 +138,7 @@ class DataDir:
 
 def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
     """Replace path's content in one step: readers see the old file or the new one, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:

@@ -15,6 +15,8 @@ import yaml
 
 from controlplane.identity import BUNDLE_FILE, CERT_FILE
 from core.contracts import WINDOW_SECONDS
+from core.datadir import write_atomic
+from greymesh.demo.service import knobs_path
 from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, wait_for
 
 
@@ -43,10 +45,9 @@ def test_a_latency_fault_on_payments_becomes_a_stored_anomaly_within_3_windows(m
     listed = mesh.cli("ml", "models").stdout
     assert listed.startswith("* v0001  gru_ae") and "4 services" in listed
 
-    knobs = mesh.data_dir / "knobs" / "payments.json"
-    knobs.parent.mkdir(exist_ok=True)
+    knobs = knobs_path(mesh.data_dir, "payments")
     injected = time.time()
-    knobs.write_text(json.dumps({"latency_ms": 250}))
+    write_atomic(knobs, json.dumps({"latency_ms": 250}))  # as `greymesh` writes it: private
     fault_window = int(injected) // WINDOW_SECONDS * WINDOW_SECONDS
 
     def opened() -> list[dict]:

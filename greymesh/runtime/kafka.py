@@ -188,6 +188,13 @@ def write_config(dir: Path, dd: DataDir, *, port: int, controller_port: int, nod
         "transaction.state.log.min.isr": "1",
         "share.coordinator.state.topic.replication.factor": "1",
         "share.coordinator.state.topic.min.isr": "1",
+        # A broker loads every partition of its internal topics before it serves again
+        # after a crash; the defaults (50 for offsets and transactions) are sized for
+        # clusters and cost seconds of every local restart.  A new cluster only: existing
+        # internal topics keep their partitions.
+        "offsets.topic.num.partitions": "3",
+        "transaction.state.log.num.partitions": "1",
+        "share.coordinator.state.topic.num.partitions": "1",
         # A consumer group starts at once instead of waiting 3 s for more members.
         "group.initial.rebalance.delay.ms": "0",
         # After a crash the restarted broker is fenced until its old registration's session
