@@ -272,10 +272,11 @@ def test_controlplane(mesh: Mesh):
             return False
         return len(nodes) == 5 and all(n.get("connected") and n.get("in_sync") for n in nodes.values())
 
-    # Misses the 10 s target: a control plane starts in ~10-16 s on this machine (2 shared
-    # cores): importing envoy-data-plane's typed messages and translating every snapshot is
-    # CPU-bound Python.  Nothing waits for it: the sidecars serve with the config they have.
-    row = measure(mesh, "controlplane", serving, back_within_s=25.0)
+    # 7 s measured with the test alone on the machine; its start is CPU-bound Python
+    # (importing envoy-data-plane's typed messages, translating every snapshot), 10-16 s
+    # when other work shares the 2 cores, hence the margin.  Nothing waits for it: the
+    # sidecars serve with the config they have.
+    row = measure(mesh, "controlplane", serving, back_within_s=20.0)
     assert row.failed == 0 and row.lost == 0
 
 
@@ -284,15 +285,15 @@ def test_sink(mesh: Mesh):
     seeded from the store): a kill re-reads what it had not committed, nothing twice.
 
     Serving means storing again: a tap of a request sent after the kill is in the store.
-    Misses the 10 s target: the restarted sink gets the killed one's partitions once the
-    group has dropped the killed member, when its session expires (10 s; kafka-python's
-    default of 45 s made it ~48 s).  The events wait in Kafka meanwhile; none is lost."""
+    The restarted sink gets the killed one's partitions once the group has dropped the
+    killed member, when its session expires: 6 s, the least a broker allows by default
+    (kafka-python's 45 s made it ~48 s).  The events wait in Kafka meanwhile; none is lost."""
     port = mesh.ports()["sink.http"]
 
     def serving(killed_at: float) -> bool:
         return http_ok(f"http://127.0.0.1:{port}/healthz") and stores_again(mesh, "/anything/faults/sink-", killed_at)
 
-    row = measure(mesh, "sink", serving, back_within_s=30.0)
+    row = measure(mesh, "sink", serving)
     assert row.failed == 0 and row.lost == 0
 
 
@@ -375,9 +376,10 @@ def test_kafka(mesh: Mesh):
         return all(p["broker_up"] and p["spool_records"] == 0 for p in producers) and \
             stores_again(mesh, "/anything/faults/kafka-", killed_at)  # the sink consumes again too
 
-    # Misses the 10 s target: the JVM takes ~10 s to start and recover its log on this
-    # machine (2 cores), the broker then registers and the topics are checked: ~18 s with
-    # the machine otherwise idle, 45-80 s measured while other meshes ran.  Nothing is lost
-    # meanwhile: the tap services spool and replay.
-    row = measure(mesh, "kafka", serving, back_within_s=90.0)
+    # Misses the 10 s target (docs/faults.md): ~12 s to ready, ~15 s until the sink stores
+    # again, with the test alone on the machine: the JVM and its controller take ~6 s, the
+    # broker's registration and log recovery ~4 s, the credentials/ACL check ~1 s (a bare
+    # broker restarts in 4-7 s).  45-80 s were measured while other meshes ran.  Nothing
+    # is lost meanwhile: the tap services spool and replay.
+    row = measure(mesh, "kafka", serving, back_within_s=60.0)
     assert row.failed == 0 and row.lost == 0
