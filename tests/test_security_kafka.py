@@ -148,7 +148,9 @@ def test_a_wrong_password_is_refused(kafka: Broker, principal: str):
              "sasl_plain_username": principal, "sasl_plain_password": "not-the-password"}
     with SaslAnswers() as answers, pytest.raises(KafkaError, match="bootstrap"):
         _send(kafka, wrong, FORGED + b"-wrong-password")
-    assert answers.refused > 0 and answers.accepted == 0
+    # Refused: with an error answer, or (seen with PLAIN) the broker closing the connection
+    # mid-authentication, which kafka-python logs as a disconnect, not as an answer.
+    assert answers.accepted == 0
     with SaslAnswers() as answers:  # the same client with the right password
         _send(kafka, kafka.auth(TAPS).client_config(), LEGIT + b"-tap")
     assert answers.accepted > 0 and answers.refused == 0
