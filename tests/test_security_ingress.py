@@ -78,23 +78,19 @@ def ingress(mesh: Mesh, path: str, headers: dict[str, str] | None = None) -> tup
     """One request to the front door, the path sent byte for byte (no client-side cleanup)."""
     url = urllib.parse.urlsplit(mesh.entrypoint)
     conn = http.client.HTTPSConnection(url.hostname, url.port, timeout=10, context=tls_context(mesh.entrypoint))
-    try:
-        conn.request("GET", path, headers=headers or {})
-        resp = conn.getresponse()
-        raw = resp.read()
-    finally:
-        conn.close()
-    try:
-        return resp.status, json.loads(raw)
-    except ValueError:
-        return resp.status, raw.decode("utf-8", "replace")
+    return _exchange(conn, path, headers or {})
 
 
 def call(mesh: Mesh, caller: str, callee: str, path: str, headers: dict[str, str] | None = None) -> tuple[int, dict | str]:
     """A request from ``caller``'s workload through its sidecar's outbound listener."""
     conn = http.client.HTTPConnection("127.0.0.1", mesh.placement()["sidecars"][caller]["outbound"], timeout=10)
+    return _exchange(conn, path, {"Host": callee, **(headers or {})})
+
+
+def _exchange(conn: http.client.HTTPConnection, path: str, headers: dict[str, str]) -> tuple[int, dict | str]:
+    """One GET on ``conn`` (closed after): the status and the body, as JSON when it is."""
     try:
-        conn.request("GET", path, headers={"Host": callee, **(headers or {})})
+        conn.request("GET", path, headers=headers)
         resp = conn.getresponse()
         raw = resp.read()
     finally:
