@@ -12,6 +12,8 @@ events, one per *layer*:
     audit    one per authorization decision, from OPA's decision logs
     anomaly  one when an anomaly opens and one when it resolves (:class:`AnomalyEvent`,
              emitted by the ml stage from the store's roll-ups)
+    action   one per decision of the actions stage, acted on or not (:class:`ActionDecision`):
+             the evidence of every automated change, shadowed move, hold and refusal
 
 An event is a JSON object whose keys are exactly the names in :data:`COLUMNS` for its
 layer; the same names and types are the store's columns (audit/migrations.py builds its
@@ -25,6 +27,11 @@ keyed by service; records are JSON arrays of events.
 the ml stage learns from.
 
 **Alerts** go to :data:`ALERTS_TOPIC` (:class:`TapDropAlert` today).
+
+**Overrides** (:class:`Override`) are what the actions stage asks the control plane to
+merge over the spec (weights, timeouts, retries, outlier ejection), through its admin API
+(``PUT /overrides/<service>``); they cross as JSON (:meth:`Override.to_json`,
+:meth:`Override.from_json`).
 """
 
 from __future__ import annotations
@@ -33,11 +40,12 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
 VERSION = 1
-Layer = Literal["l3", "l4", "l7", "audit", "anomaly"]
-LAYERS: tuple[Layer, ...] = ("l3", "l4", "l7", "audit", "anomaly")
+Layer = Literal["l3", "l4", "l7", "audit", "anomaly", "action"]
+LAYERS: tuple[Layer, ...] = ("l3", "l4", "l7", "audit", "anomaly", "action")
 TOPIC_PREFIX = "greymesh.tap."
 AUDIT_TOPIC = "greymesh.audit"
 ANOMALY_TOPIC = "greymesh.anomalies"
+ACTION_TOPIC = "greymesh.actions"
 # The listener names the control plane gives each sidecar; a log's name is its listener's.
 DIRECTIONS = ("inbound", "outbound", "ingress")
 
@@ -124,6 +132,25 @@ COLUMNS: dict[Layer, tuple[Column, ...]] = {
         ("detector", "String", "gru_ae, iforest or pca"),
         ("model_version", "String", "the registry version that scored it"),
     ),
+    "action": (
+        ("v", "UInt8", "schema version"),
+        ("event_id", "String", "the decision id; the deduplication key (and what `actions revert` takes)"),
+        ("time_us", "UInt64", "when the decision was taken, microseconds since the epoch"),
+        ("service", "String", "the service acted on (the callee whose traffic policy changes, or the scaled one)"),
+        ("anomaly_id", "String", "the anomaly that prompted it ('' for a restore, a revert or a blind loop)"),
+        ("action", "String", "shift_weight, restore_weight, scale_out, scale_in, revert, alert or none"),
+        ("outcome", "String", "acted, shadowed (mode shadow: would have), held (verdict unknown), "
+                               "refused (a guardrail), failed (the change did not go through), or noted"),
+        ("verdict", "String", "the canary judge's pass, fail or unknown ('' when none was asked)"),
+        ("guardrail", "String", "the guardrail that held or refused it ('' when none applied)"),
+        ("mode", "String", "the service's mode then: off, shadow or on"),
+        ("before", "String", "JSON: the state it changed from (weights, instances)"),
+        ("after", "String", "JSON: the state it changed, or would have changed, to"),
+        ("override_id", "String", "the control plane override it created or changed ('' for none)"),
+        ("evidence", "String", "JSON: scores, thresholds, windows, test statistics, samples, budgets"),
+        ("reason", "String", "what a person reads: why, in one sentence"),
+        ("by", "String", "who decided: 'actions' (the loop) or the principal of a CLI command"),
+    ),
 }
 NAMES: dict[Layer, tuple[str, ...]] = {layer: tuple(c[0] for c in cols) for layer, cols in COLUMNS.items()}
 
@@ -170,7 +197,7 @@ def policy_hash_of(bundles: object) -> str:
 
 def topic(layer: Layer) -> str:
     """The Kafka topic of a layer's events."""
-    return {"audit": AUDIT_TOPIC, "anomaly": ANOMALY_TOPIC}.get(layer, TOPIC_PREFIX + layer)
+    return {"audit": AUDIT_TOPIC, "anomaly": ANOMALY_TOPIC, "action": ACTION_TOPIC}.get(layer, TOPIC_PREFIX + layer)
 
 
 def layer_of_topic(name: str) -> Layer:
@@ -205,6 +232,131 @@ class AnomalyEvent:
         return asdict(self)
 
 
+Outcome = Literal["acted", "shadowed", "held", "refused", "failed", "noted"]
+
+
+@dataclass(frozen=True)
+class ActionDecision:
+    """One decision of the actions stage (layer ``action``; fields = COLUMNS["action"])."""
+
+    v: int
+    event_id: str
+    time_us: int
+    service: str
+    anomaly_id: str
+    action: str
+    outcome: Outcome
+    verdict: str
+    guardrail: str
+    mode: str
+    before: str  # JSON
+    after: str  # JSON
+    override_id: str
+    evidence: str  # JSON
+    reason: str
+    by: str
+
+    def to_event(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Override:
+    """A change the actions stage (or an operator) asks the control plane to merge over the
+    spec for one service's callers: at most one per service, replaced whole by the next.
+
+    ``weights`` replaces the split of every route of ``service`` that splits over those
+    subsets; ``timeout_s`` / ``retry_attempts`` replace those of every route;
+    ``outlier_max_ejection_percent`` / ``outlier_consecutive_5xx`` tighten its outlier
+    detection.  ``None`` / ``()`` leave the spec's value.  ``by`` is set by the control plane
+    from the credential that sent it, never taken from the request.
+    """
+
+    service: str
+    id: str  # the decision that made it (ActionDecision.event_id), or an operator's label
+    reason: str
+    weights: tuple[tuple[str, int], ...] = ()  # (subset, weight) pairs summing to 100
+    timeout_s: float | None = None
+    retry_attempts: int | None = None
+    outlier_consecutive_5xx: int | None = None
+    outlier_max_ejection_percent: int | None = None
+    by: str = ""
+    created_at: float = 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc["weights"] = dict(self.weights)
+        return doc
+
+    @classmethod
+    def from_json(cls, doc: object) -> Override:
+        """An Override from its JSON; ValueError naming the field and what it must be."""
+        if not isinstance(doc, dict):
+            raise ValueError("an override is a JSON object: {\"service\": ..., \"id\": ..., \"reason\": ...}")
+        unknown = set(doc) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown field(s) {sorted(unknown)}; known: {[f.name for f in fields(cls)]}")
+        for name in ("service", "id", "reason", "by"):
+            if not isinstance(doc.get(name, ""), str) or (name != "by" and not doc.get(name)):
+                raise ValueError(f"{name}: must be a non-empty string")
+        weights = doc.get("weights") or {}
+        if not isinstance(weights, dict) or not all(
+                isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 100
+                for k, v in weights.items()):
+            raise ValueError("weights: must map subset names to integers 0..100")
+        if weights and sum(weights.values()) != 100:
+            raise ValueError(f"weights: must sum to 100, not {sum(weights.values())}")
+
+        def optional(name: str, kind: type, low: float, high: float) -> Any:
+            value = doc.get(name)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) \
+                    or not low <= value <= high:
+                raise ValueError(f"{name}: must be a {kind.__name__} in {low}..{high}, not {value!r}")
+            return kind(value)
+
+        return cls(service=doc["service"], id=doc["id"], reason=doc["reason"],
+                   weights=tuple((str(k), int(v)) for k, v in weights.items()),
+                   timeout_s=optional("timeout_s", float, 0.001, 3600.0),
+                   retry_attempts=optional("retry_attempts", int, 0, 10),
+                   outlier_consecutive_5xx=optional("outlier_consecutive_5xx", int, 1, 1000),
+                   outlier_max_ejection_percent=optional("outlier_max_ejection_percent", int, 0, 100),
+                   by=doc.get("by", ""), created_at=optional("created_at", float, 0, 1e12) or 0.0)
+
+
+@dataclass(frozen=True)
+class ServiceRouting:
+    """What the control plane's ``GET /overrides`` reports per service with subsets: the
+    split the spec declares, the split in force (the override merged), the override, and
+    the services whose sidecars carry that split (its callers)."""
+
+    service: str
+    subsets: tuple[str, ...]  # subsets that have instances
+    instances: tuple[tuple[str, int], ...]  # (subset, serving instances)
+    callers: tuple[str, ...]
+    declared: tuple[tuple[str, int], ...]  # the spec's split of its first route ((subset, weight))
+    effective: tuple[tuple[str, int], ...]  # ... with the override merged
+    override: Override | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"service": self.service, "subsets": list(self.subsets), "instances": dict(self.instances),
+                "callers": list(self.callers), "declared": dict(self.declared), "effective": dict(self.effective),
+                "override": self.override.to_json() if self.override else None}
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> ServiceRouting:
+        try:
+            return cls(service=doc["service"], subsets=tuple(doc["subsets"]),
+                       instances=tuple((str(k), int(v)) for k, v in doc["instances"].items()),
+                       callers=tuple(doc["callers"]),
+                       declared=tuple((str(k), int(v)) for k, v in doc["declared"].items()),
+                       effective=tuple((str(k), int(v)) for k, v in doc["effective"].items()),
+                       override=Override.from_json(doc["override"]) if doc.get("override") else None)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"not a service routing document: {exc!r}") from None
+
+
 @dataclass(frozen=True)
 class TapDropAlert:
     """The tap spool of a host was full and dropped events (on ALERTS_TOPIC, keyed by host)."""
@@ -224,3 +376,4 @@ class TapDropAlert:
 
 
 assert tuple(f.name for f in fields(AnomalyEvent)) == NAMES["anomaly"], "AnomalyEvent must match COLUMNS"
+assert tuple(f.name for f in fields(ActionDecision)) == NAMES["action"], "ActionDecision must match COLUMNS"
