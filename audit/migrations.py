@@ -52,13 +52,13 @@ from dataclasses import dataclass
 from core.contracts import COLUMNS, LAYERS, RESET_FLAGS, ROLLUP_FIELDS, WINDOW_SECONDS, Layer
 from core.storeclient import sql_string
 
-TABLES: dict[Layer, str] = {layer: f"tap_{layer}" for layer in LAYERS} | {"anomaly": "anomalies"}
+TABLES: dict[Layer, str] = {layer: f"tap_{layer}" for layer in LAYERS} | {"anomaly": "anomalies", "action": "actions"}
 LEDGER = "schema_migrations"
 QUANTILES = (0.5, 0.95, 0.99)
 
 
 def table_for(layer: Layer) -> str:
-    """The store table of a layer's events: tap_l3, tap_l4, tap_l7, tap_audit or anomalies."""
+    """The store table of a layer's events: tap_l3, tap_l4, tap_l7, tap_audit, anomalies or actions."""
     return TABLES[layer]
 
 
@@ -147,4 +147,5 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "tap tables", _tap_tables),
     Migration(2, "service_windows roll-up", _rollup),
     Migration(3, "anomalies", lambda db: [_tap_table(db, "anomaly")]),
+    Migration(4, "actions (the actions stage's decisions)", lambda db: [_tap_table(db, "action")]),
 )

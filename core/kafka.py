@@ -32,8 +32,9 @@ from core.wait import wait_until
 
 BROKER, ADMIN = "broker", "admin"  # SASL/PLAIN; super users (the broker's own config lists them)
 TAPS, SINK, SCORER, READER = "taps", "sink", "scorer", "reader"  # SCRAM-SHA-512, limited by ACLs
+ACTIONS = "actions"  # the actions stage: reads anomalies (no group: it keeps its offsets itself), writes decisions
 PLAIN_PRINCIPALS = (BROKER, ADMIN)
-SCRAM_PRINCIPALS = (TAPS, SINK, SCORER, READER)
+SCRAM_PRINCIPALS = (TAPS, SINK, SCORER, READER, ACTIONS)
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 SINK_GROUP = "greymesh-sink"  # the sink's consumer group, the only group any ACL grants
 SECURITY_PROTOCOL = "SASL_PLAINTEXT"  # loopback only; see docs/security.md for why not TLS

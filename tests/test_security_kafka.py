@@ -25,9 +25,9 @@ from kafka.admin import (ACL, ACLOperation, ACLPermissionType, ACLResourcePatter
                          ResourcePattern, ResourceType)
 from kafka.errors import GroupAuthorizationFailedError, KafkaError, TopicAuthorizationFailedError
 
-from core.contracts import ANOMALY_TOPIC, topic
+from core.contracts import ACTION_TOPIC, ANOMALY_TOPIC, topic
 from core.credentials import CredentialError
-from core.kafka import (ADMIN, BROKER, PLAIN_PRINCIPALS, READER, SCORER, SCRAM_MECHANISM, SCRAM_PRINCIPALS,
+from core.kafka import (ACTIONS, ADMIN, BROKER, PLAIN_PRINCIPALS, READER, SCORER, SCRAM_MECHANISM, SCRAM_PRINCIPALS,
                         SECURITY_PROTOCOL, SINK, SINK_GROUP, TAPS, KafkaAuth, client_config)
 from greymesh.runtime import kafka as broker
 from tests.support.kafka import Broker
@@ -179,6 +179,18 @@ def test_the_taps_cannot_forge_anomalies_and_the_reader_cannot_write(kafka: Brok
         _send(kafka, kafka.auth(TAPS).client_config(), FORGED + b"-anomaly-by-taps", ANOMALY_TOPIC)
     with pytest.raises(TopicAuthorizationFailedError):
         _send(kafka, kafka.auth(READER).client_config(), FORGED + b"-by-reader")
+
+
+def test_the_actions_stage_writes_only_decisions_and_nobody_else_forges_them(kafka: Broker):
+    """The actions principal reads anomalies and writes decisions, nothing more; no other
+    component can put a decision (the evidence of an automated change) on its topic."""
+    for topic_name in (ANOMALY_TOPIC, TAP_TOPIC):
+        with pytest.raises(TopicAuthorizationFailedError):
+            _send(kafka, kafka.auth(ACTIONS).client_config(), FORGED + b"-by-actions", topic_name)
+    for principal in (TAPS, SCORER, SINK, READER):
+        with pytest.raises(TopicAuthorizationFailedError):
+            _send(kafka, kafka.auth(principal).client_config(), FORGED + b"-decision", ACTION_TOPIC)
+    _send(kafka, kafka.auth(ACTIONS).client_config(), LEGIT + b"-decision", ACTION_TOPIC)
 
 
 def test_the_sink_reads_only_through_its_own_group(kafka: Broker):

@@ -49,10 +49,11 @@ def insert_events(store: Store, layer: Layer, events: list[dict[str, Any]], part
 
 
 def test_migrations_apply_once_and_are_idempotent(empty_store: Store) -> None:
-    assert empty_store.migrate() == [m.version for m in migrations.MIGRATIONS] == [1, 2, 3]
+    assert empty_store.migrate() == [m.version for m in migrations.MIGRATIONS] == [1, 2, 3, 4]
     assert empty_store.migrate() == []
     assert empty_store.query("SELECT version, name FROM schema_migrations ORDER BY version") == [
-        (1, "tap tables"), (2, "service_windows roll-up"), (3, "anomalies")]
+        (1, "tap tables"), (2, "service_windows roll-up"), (3, "anomalies"),
+        (4, "actions (the actions stage's decisions)")]
     tables = {name for (name,) in empty_store.query(
         "SELECT name FROM system.tables WHERE database = %(db)s", {"db": empty_store.database})}
     assert tables >= {*map(table_for, LAYERS), "service_windows", "service_windows_state", "service_windows_mv"}

@@ -36,16 +36,16 @@ from pathlib import Path
 from typing import Literal
 
 from core import credentials
-from core.contracts import ALERTS_TOPIC, ANOMALY_TOPIC, LAYERS, topic
+from core.contracts import ACTION_TOPIC, ALERTS_TOPIC, ANOMALY_TOPIC, LAYERS, topic
 from core.datadir import DataDir
 from core.installs import greymesh_home, pinned_versions
-from core.kafka import (ADMIN, BROKER, PLAIN_PRINCIPALS, READER, SCORER, SCRAM_MECHANISM, SCRAM_PRINCIPALS,
+from core.kafka import (ACTIONS, ADMIN, BROKER, PLAIN_PRINCIPALS, READER, SCORER, SCRAM_MECHANISM, SCRAM_PRINCIPALS,
                         SECURITY_PROTOCOL, SINK, SINK_GROUP, TAPS, KafkaAuth, client_config, ensure_topics,
                         secret_path)
 
 MAIN_CLASS = "kafka.Kafka"
 MESH_TOPICS = [*map(topic, LAYERS), ALERTS_TOPIC]  # every topic a mesh uses
-TAP_TOPICS = [topic(layer) for layer in LAYERS if topic(layer) != ANOMALY_TOPIC]  # what the tap service writes
+TAP_TOPICS = [topic(layer) for layer in LAYERS if topic(layer) not in (ANOMALY_TOPIC, ACTION_TOPIC)]  # the tap service's
 CLIENT_LISTENER, CONTROLLER_LISTENER = "CLIENT", "CONTROLLER"
 AUTHORIZER = "org.apache.kafka.metadata.authorizer.StandardAuthorizer"
 _PLAIN_MODULE = "org.apache.kafka.common.security.plain.PlainLoginModule"
@@ -72,6 +72,8 @@ GRANTS: tuple[Grant, ...] = (
     *(Grant(SINK, "READ", "TOPIC", topic(layer)) for layer in LAYERS),
     Grant(SINK, "READ", "GROUP", SINK_GROUP),
     Grant(SCORER, "WRITE", "TOPIC", ANOMALY_TOPIC),
+    Grant(ACTIONS, "READ", "TOPIC", ANOMALY_TOPIC),
+    Grant(ACTIONS, "WRITE", "TOPIC", ACTION_TOPIC),
     *(Grant(READER, "READ", "TOPIC", t) for t in MESH_TOPICS),  # the CLI's `taps tail` (no group)
 )
 STORAGE_TOOL = "kafka.tools.StorageTool"
