@@ -29,8 +29,9 @@ TAPS_GRPC, TAPS_HTTP, SINK_HTTP = "taps.grpc", "taps.http", "sink.http"
 # sidecars' next flush goes to the other (docs/faults.md).  OPA and the CLI use the first.
 TAPS2_GRPC, TAPS2_HTTP = "taps-2.grpc", "taps-2.http"
 TAP_SERVICES = (("taps", TAPS_GRPC, TAPS_HTTP), ("taps-2", TAPS2_GRPC, TAPS2_HTTP))  # (workload, ALS, HTTP)
+ACTIONS_HTTP = "actions.http"  # the actions stage's API (the CLI's `actions` and `alerts` commands)
 HOST_KEYS = (CP_XDS, CP_ADMIN, OPA_HTTP, AUTHZ, KAFKA, KAFKA_CONTROLLER, TAPS_GRPC, TAPS_HTTP, TAPS2_GRPC, TAPS2_HTTP,
-             SINK_HTTP)
+             SINK_HTTP, ACTIONS_HTTP)
 SIDECAR_ROLES = ("app", "inbound", "outbound", "ingress", "admin")
 
 XdsApi = Literal["delta", "sotw"]

@@ -42,6 +42,7 @@ from core.errors import GreymeshError
 JSON_TYPE = "application/json"
 HEALTH_PATH = "/healthz"  # open to anyone on loopback; says nothing but that the server answers
 CLI = "cli"  # the principal holding the data dir's api token: the CLI (and the runtime it runs)
+ACTIONS = "actions"  # the actions stage: asks the control plane for overrides, reads the store
 IDLE_TIMEOUT_S = 30.0  # a connection that sends nothing this long is dropped (a slow body holds no thread)
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
