@@ -48,7 +48,7 @@ from audit.store import Store, StoreError, open_store, table_for
 from core import contracts, credentials
 from core.credentials import CredentialError
 from core.kafka import SINK_GROUP, KafkaAuth, add_secret_argument, auth_from_args, client_config
-from core.jsonhttp import CLI, Access, ApiHandler, Credential, serve
+from core.jsonhttp import ACTIONS, CLI, Access, ApiHandler, Credential, serve
 
 log = logging.getLogger("greymesh.sink")
 
@@ -367,10 +367,13 @@ class _Rebalance(ConsumerRebalanceListener):
         self.on_assigned(assigned)
 
 
-def api_access(api_token: Path, scorer_token: Path) -> Access:
-    """Who may call the sink's API: the CLI (both paths) and the scorer (``/query`` only)."""
-    return Access((Credential.load(CLI, api_token), Credential.load(SCORER, scorer_token)), MAX_QUERY_BODY_BYTES,
-                  only={"/stats": frozenset({CLI}), "/query": frozenset({CLI, SCORER})})
+def api_access(api_token: Path, scorer_token: Path, actions_token: Path | None = None) -> Access:
+    """Who may call the sink's API: the CLI (both paths), the scorer and the actions stage
+    (``/query`` only)."""
+    readers = (Credential.load(SCORER, scorer_token),
+               *((Credential.load(ACTIONS, actions_token),) if actions_token else ()))
+    return Access((Credential.load(CLI, api_token), *readers), MAX_QUERY_BODY_BYTES,
+                  only={"/stats": frozenset({CLI}), "/query": frozenset({CLI, *(r.principal for r in readers)})})
 
 
 def serve_api(sink: Sink, host: str, port: int, access: Access) -> ThreadingHTTPServer:
@@ -426,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--http-port", type=int, required=True, help="the /stats and /query API")
     p.add_argument("--api-token-file", type=Path, required=True, help="the CLI's token (0600): /stats and /query")
     p.add_argument("--scorer-token-file", type=Path, required=True, help="the scorer's token (0600): /query")
+    p.add_argument("--actions-token-file", type=Path, help="the actions stage's token (0600): /query")
     add_secret_argument(p)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -433,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
-        access = api_access(args.api_token_file, args.scorer_token_file)
+        access = api_access(args.api_token_file, args.scorer_token_file, args.actions_token_file)
         kafka_auth = auth_from_args(args)
         password = credentials.read(args.store_password_file) if args.store_password_file else ""
     except CredentialError as exc:
