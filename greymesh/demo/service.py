@@ -11,8 +11,10 @@ with the callee's name as Host, exactly as a meshed app would.
 Knobs make a service misbehave on purpose, for the anomaly detector's fault scenarios
 (greymesh/scenarios.py): ``<data dir>/knobs/<service>.json`` holds any of ``latency_ms``
 (added before answering), ``error_ratio`` (share of requests answered 503) and
-``response_bytes`` (padding added to each answer).  Every instance of the service
-re-reads the file at most once a second, so a change applies without a restart.
+``response_bytes`` (padding added to each answer).  ``<service>.<subset>.json`` does the
+same for one subset (a bad canary) and, while it exists, wins over the service's file.
+Every instance re-reads its files at most once a second, so a change applies without a
+restart.
 """
 
 from __future__ import annotations
@@ -38,9 +40,10 @@ PROPAGATED = ("x-request-id", "traceparent")
 API_PATHS = ("/", "/anything", "/admin")  # and anything below /anything/ and /admin/
 
 
-def knobs_path(data_dir: Path, service: str) -> Path:
-    """Where a service's knobs live (written by the fault scenarios, read by every instance)."""
-    return data_dir / "knobs" / f"{service}.json"
+def knobs_path(data_dir: Path, service: str, subset: str | None = None) -> Path:
+    """Where a service's knobs live (written by the fault scenarios, read by every instance),
+    or with ``subset`` those of that subset's instances only."""
+    return data_dir / "knobs" / (f"{service}.{subset}.json" if subset else f"{service}.json")
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class _KnobFile:
     def __init__(self, path: Path | None):
         self.path = path
         self.knobs = Knobs()
+        self.present = False  # the file exists (its knobs apply, even all-zero ones)
         self._checked = 0.0
         self._mtime: float | None = None
         self._lock = threading.Lock()
@@ -72,8 +76,9 @@ class _KnobFile:
             try:
                 mtime = os.stat(self.path).st_mtime
             except FileNotFoundError:
-                self.knobs, self._mtime = Knobs(), None
+                self.knobs, self._mtime, self.present = Knobs(), None, False
                 return self.knobs
+            self.present = True
             if mtime != self._mtime:
                 self._mtime = mtime
                 try:
@@ -96,7 +101,7 @@ class ServiceConfig:
     egress_port: int  # the sidecar's outbound listener on loopback
     calls: tuple[str, ...]
     call_timeout_s: float = 5.0
-    knobs: Path | None = None  # see knobs_path()
+    knobs: tuple[Path, ...] = ()  # see knobs_path(): the first file that exists applies
 
 
 class _Egress(threading.local):
@@ -125,7 +130,7 @@ class _Egress(threading.local):
 
 def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
     egress = _Egress(cfg.egress_port, cfg.call_timeout_s)
-    knob_file = _KnobFile(cfg.knobs)
+    knob_files = [_KnobFile(path) for path in cfg.knobs]
 
     class Handler(jsonhttp.JsonHandler):
         log = log
@@ -135,7 +140,7 @@ def make_server(cfg: ServiceConfig) -> ThreadingHTTPServer:
             if path not in API_PATHS and not path.startswith(("/anything/", "/admin/")):
                 self.send_json(404, {"service": cfg.service, "error": f"no such path: {path}"})
                 return
-            knobs = knob_file.get()
+            knobs = next((k for f in knob_files if (k := f.get()) and f.present), Knobs())
             if knobs.latency_ms > 0:
                 time.sleep(knobs.latency_ms / 1000)
             if knobs.error_ratio > 0 and random.random() < knobs.error_ratio:
@@ -195,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     calls = tuple(c for c in args.calls.split(",") if c)
     try:
         serve(ServiceConfig(args.service, args.instance, args.subset, args.port, args.egress_port, calls,
-                            knobs=knobs_path(args.data_dir, args.service)))
+                            knobs=(knobs_path(args.data_dir, args.service, args.subset),
+                                   knobs_path(args.data_dir, args.service))))
     except KeyboardInterrupt:
         pass
     return 0
