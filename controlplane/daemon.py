@@ -32,7 +32,7 @@ from pathlib import Path
 
 from controlplane import policy
 from controlplane.identity import CertificateAuthority, Svid, needs_renewal
-from controlplane.meshspec import MeshSpec, Problem, SpecError, parse_spec
+from controlplane.meshspec import MeshSpec, parse_spec
 from controlplane.placement import Placement, placed_spec
 from controlplane.translate import Identities, build_snapshots, service_identity
 from controlplane.xds.ads import start_ads_server
@@ -43,6 +43,7 @@ from core import jsonhttp
 from core.credentials import CredentialError
 from core.datadir import DataDir, write_atomic
 from core.sidecar_auth import SidecarKey
+from core.specread import Problem, SpecError
 
 log = logging.getLogger("greymesh.controlplane")
 

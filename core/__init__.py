@@ -7,6 +7,7 @@
     jsonhttp.py   the one JSON-over-HTTP server base and client
     kafka.py      the one Kafka helper: client credentials (KafkaAuth), readiness and topics
     storeclient.py  the one client of the tap store (the sink's read-only /query API)
+    specread.py   reading a YAML spec into typed values, every problem as file:line: key: reason
     errors.py     errors every command maps to an exit code
 
 It imports no stage (controlplane, tapstream, audit, ml, actions, dashboard) and no top

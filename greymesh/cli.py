@@ -17,12 +17,12 @@ import sys
 import time
 from pathlib import Path
 
-from controlplane.meshspec import SpecError
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, SECRET, TYPE_ORDER
 from audit.store import PASSWORD_ENV as STORE_PASSWORD_ENV
 from core import credentials
 from core.datadir import PRIVATE_UMASK, DataDir, default_data_dir
 from core.errors import GreymeshError
+from core.specread import SpecError
 from greymesh import doctor, ml_cli, policy_cli, taps_cli
 from greymesh.runtime import local as runtime
 

@@ -32,9 +32,10 @@ import pytest
 import yaml
 
 from controlplane.identity import CertificateAuthority, spiffe_id
-from controlplane.meshspec import SpecError, parse_spec
+from controlplane.meshspec import parse_spec
 from core.endpoints import entrypoint_tls
 from core.installs import opa_binary
+from core.specread import SpecError
 from tests.support.jwt import Signer
 from tests.support.mesh import DEMO_SPEC, Mesh, running_mesh, tls_context, wait_for
 from tests.support.net import free_port
