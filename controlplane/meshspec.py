@@ -26,6 +26,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from core import credentials
+from core.loopspec import LoopSpec, read_loop
 from core.specread import (
     Field,
     Mapping,
@@ -183,6 +184,7 @@ class MeshSpec:
     entrypoint: str  # the service whose ingress is the mesh's front door
     identity: Identity = field(default_factory=Identity)
     ingress: Ingress = field(default_factory=Ingress)
+    loop: LoopSpec = field(default_factory=LoopSpec)  # alerts and actions (core/loopspec.py)
 
     def service(self, name: str) -> Service:
         for s in self.services:
@@ -281,7 +283,7 @@ def _regex(f: Field) -> str | None:
 
 
 def _mesh(root: Field) -> MeshSpec | None:
-    top = root.mapping(("version", "mesh", "entrypoint", "identity", "ingress", "services"))
+    top = root.mapping(("version", "mesh", "entrypoint", "identity", "ingress", "services", "alerts", "actions"))
     if top is None:
         return None
     top.need("version", _version)
@@ -292,9 +294,10 @@ def _mesh(root: Field) -> MeshSpec | None:
     declared = tuple(table.entries) if table and table.entries else None
     entrypoint = top.need("entrypoint", lambda e: reference(e, declared))
     services = None if table is None else _services(table)
-    if name is None or entrypoint is None or services is None:
+    loop = read_loop(top, declared)
+    if name is None or entrypoint is None or services is None or loop is None:
         return None
-    return MeshSpec(name=name, services=services, entrypoint=entrypoint, identity=identity, ingress=ingress)
+    return MeshSpec(name=name, services=services, entrypoint=entrypoint, identity=identity, ingress=ingress, loop=loop)
 
 
 def _identity(f: Field) -> Identity | None:

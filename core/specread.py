@@ -50,6 +50,7 @@ _N = TypeVar("_N", int, float)
 _MERGE_TAG = "tag:yaml.org,2002:merge"
 _UNREADABLE = object()  # a scalar PyYAML cannot construct (bad explicit tag), or a collection
 _UINT32_MAX = 2**32 - 1  # Envoy's counters and thresholds are uint32
+NOT_SHOWN = "(the value is not shown, in case it is a secret)"  # said where one may be written by mistake
 
 _DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h)")
 _DURATION_UNITS = {"ms": Decimal("0.001"), "s": Decimal(1), "m": Decimal(60), "h": Decimal(3600)}
@@ -138,10 +139,11 @@ class Field:
         path = f"{self.path}.{name}" if self.path else name
         return Field(self.node if node is None else node, path, self.problems)
 
-    def mapping(self, known: tuple[str, ...] | None = None) -> Mapping | None:
-        """The mapping's entries; `known` makes every other key a problem."""
+    def mapping(self, known: tuple[str, ...] | None = None, refused: dict[str, str] | None = None) -> Mapping | None:
+        """The mapping's entries; `known` makes every other key a problem, and a key of
+        `refused` is a problem with the reason given there (its value is never read)."""
         if isinstance(self.node, MappingNode):
-            return Mapping(self, known)
+            return Mapping(self, known, refused or {})
         self._expected("a mapping", " (write {} for an empty one)" if self._value() is None else "")
         return None
 
@@ -155,10 +157,15 @@ class Field:
             return None
         return all_read([reader(Field(n, f"{self.path}[{i}]", self.problems)) for i, n in enumerate(self.node.value)])
 
-    def string(self) -> str | None:
+    def string(self, *, echo: bool = True) -> str | None:
+        """Text; `echo=False` keeps the value out of the message (where a secret may be
+        written by mistake)."""
         value = self._value()
         if isinstance(value, str):
             return value
+        if not echo:
+            self.fail(f"expected a string, got {self._kind()} {NOT_SHOWN}")
+            return None
         # A plain 2, yes or 1.5 that YAML read as another type: quoting makes it text.
         quotable = isinstance(self.node, ScalarNode) and self.node.style is None and value not in (None, _UNREADABLE)
         self._expected("a string", f' (quote it: "{shorten(self.node.value)}")' if quotable else "")
@@ -178,7 +185,7 @@ class Field:
         self._expected("an integer")
         return None
 
-    def number(self, low: int, high: int) -> float | None:
+    def number(self, low: float, high: float) -> float | None:
         value = self._value()
         if isinstance(value, int | float) and not isinstance(value, bool):
             return self._within(float(value), low, high)
@@ -199,7 +206,7 @@ class Field:
         self.fail(f"must be between {_written(low)} and {_written(high)}, got '{shorten(value)}'")
         return None
 
-    def _within(self, value: _N, low: int, high: int) -> _N | None:
+    def _within(self, value: _N, low: float, high: float) -> _N | None:
         if low <= value <= high:
             return value
         self.fail(f"must be between {low} and {high}, got {shorten(self.node.value)}")
@@ -230,17 +237,29 @@ class Field:
             return "null"
         if value is _UNREADABLE:
             return f"'{raw}' tagged {self.node.tag.replace('tag:yaml.org,2002:', '!!')}"
-        kind = {bool: "boolean", int: "integer", float: "number"}.get(type(value), self.node.tag.rsplit(":", 1)[-1])
-        return f"{kind} {raw}"
+        return f"{self._kind()} {raw}"
+
+    def _kind(self) -> str:
+        """What YAML made of the node, without its value: 'a list', integer, null."""
+        if not isinstance(self.node, ScalarNode):
+            return self._describe()
+        value = self._value()
+        if value is None:
+            return "null"
+        if value is _UNREADABLE:
+            return "a tagged value"
+        return {bool: "boolean", int: "integer", float: "number", str: "a string"}.get(
+            type(value), self.node.tag.rsplit(":", 1)[-1])
 
 
 class Mapping:
     """A mapping's entries by key.  Keys that are not strings, duplicate keys and (given
     a fixed schema) unknown keys are reported here, so a typo never silently does nothing."""
 
-    def __init__(self, owner: Field, known: tuple[str, ...] | None):
+    def __init__(self, owner: Field, known: tuple[str, ...] | None, refused: dict[str, str]):
         self.owner = owner
         self.entries: dict[str, tuple[Field, Field]] = {}
+        self.refused: set[str] = set()  # keys of `refused` present (each reported)
         for key_node, value_node in owner.node.value:
             name = self._name(key_node)
             if name is None:
@@ -248,6 +267,9 @@ class Mapping:
             key = owner.key(name, key_node)
             if name in self.entries:
                 key.fail(f"duplicate key '{name}' (first at line {self.entries[name][0].line})")
+            elif name in refused:
+                key.fail(refused[name])
+                self.refused.add(name)
             elif known is not None and name not in known:
                 key.fail(unknown("key", name, known))
             else:
@@ -311,12 +333,12 @@ def distinct(
     return None if values is None else tuple(values)
 
 
-def reference(f: Field, services: tuple[str, ...] | None) -> str | None:
-    """A service name that must be declared (not checked while `services` is unreadable)."""
+def reference(f: Field, declared: tuple[str, ...] | None, what: str = "service") -> str | None:
+    """A name that must be declared (not checked while `declared` is unreadable)."""
     name = f.string()
-    if name is None or services is None or name in services:
+    if name is None or declared is None or name in declared:
         return name
-    f.fail(unknown("service", name, services))
+    f.fail(unknown(what, name, declared) if declared else f"unknown {what} '{shorten(name)}': none is declared")
     return None
 
 

@@ -41,6 +41,7 @@ TIERS: dict[str, str] = {
     "test_security_files.py": UNIT,     # the data dir and state files are private
     "test_layers.py": UNIT,             # the import layers, read from the source (AST)
     "test_meshspec.py": UNIT,           # mesh.yaml parsing and its error messages
+    "test_loopspec.py": UNIT,           # mesh.yaml's alerts: and actions: sections, and their errors
     "test_ml.py": UNIT,                 # detectors, registry, scorer, eval on generated windows (GRU cases:
                                         # integration, they train a network)
     "test_ml_scenarios.py": INTEGRATION,  # trains the autoencoder on tests/data/scenarios (seconds of CPU)

@@ -209,7 +209,9 @@ def test_unknown_key_suggests_the_close_one():
 def test_unknown_key_without_a_close_one_lists_the_keys():
     text = edit("mesh: demo", "mesh: demo\ncolour: blue")
     assert only_problem(text) == Problem(
-        "colour", "unknown key 'colour'; expected one of: version, mesh, entrypoint, identity, ingress, services", line_of(text, "colour")
+        "colour",
+        "unknown key 'colour'; expected one of: version, mesh, entrypoint, identity, ingress, services, alerts, actions",
+        line_of(text, "colour"),
     )
 
 
