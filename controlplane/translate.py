@@ -488,11 +488,11 @@ def _app_routes(name: str, ingress: _Ingress | None) -> RouteConfiguration:
 
 
 def _virtual_host(callee: ms.Service) -> VirtualHost:
-    routes = callee.routes or (_default_route(callee),)
+    routes = callee.routes or (default_route(callee),)
     return VirtualHost(name=callee.name, domains=[callee.name], routes=[_route(callee, r) for r in routes])
 
 
-def _default_route(callee: ms.Service) -> ms.Route:
+def default_route(callee: ms.Service) -> ms.Route:
     """Catch-all spreading traffic over subsets in proportion to their instance counts."""
     counts = {s: sum(i.subset == s for i in callee.instances) for s in callee.subsets}
     total = sum(counts.values())

@@ -11,7 +11,8 @@ All state of a local mesh lives under one data dir (``--data-dir``, default
     workloads.json       the table of workloads to run (runtime; the supervisor reads it)
     scale.json           instance counts `greymesh scale` set, by service/subset (runtime)
     supervisor.json      what runs: pid, state, restarts, last exit per workload (supervisor)
-    applies.jsonl        every spec offered to the control plane, with its outcome
+    applies.jsonl        every spec offered to the control plane, with its outcome (and every override set/cleared)
+    overrides.json       the overrides the control plane merges over the spec (controlplane/overrides.py)
     policy-journal.jsonl every policy push, refused ones too
     policy/active/       the modules of the last successful push (restored into a restarted OPA)
     models/              the anomaly detector's registry
@@ -105,6 +106,11 @@ class DataDir:
     @property
     def applies_journal(self) -> Path:
         return self.root / "applies.jsonl"
+
+    @property
+    def overrides(self) -> Path:
+        """The overrides merged over the spec (0600; written only by the control plane)."""
+        return self.root / "overrides.json"
 
     @property
     def policy_journal(self) -> Path:
