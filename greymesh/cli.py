@@ -229,6 +229,7 @@ def _render_status(doc: dict) -> str:
         rej = cp["last_rejected"]
         lines.append(f"last refused spec: {rej['source']} at {time.strftime('%H:%M:%S', time.localtime(rej['at']))}")
         lines += [f"    {e}" for e in rej["errors"]]
+    lines += [f"override:   {_override(o)}" for o in cp.get("overrides", [])]
     if "error" in cp:
         lines.append(f"control plane: {cp['error']}")
     lines.append("")
@@ -265,6 +266,18 @@ def _render_status(doc: dict) -> str:
     if "ml" in doc:
         lines += ["", _render_ml(doc["ml"])]
     return "\n".join(lines)
+
+
+def _override(o: dict) -> str:
+    """One override in force, as `status` shows it: what it changes, who set it, when."""
+    what = [" / ".join(f"{s} {w}" for s, w in o["weights"].items())] if o.get("weights") else []
+    for key, text in (("timeout_s", "timeout {:g} s"), ("retry_attempts", "{} retries"),
+                      ("outlier_consecutive_5xx", "eject after {} 5xx"), ("outlier_max_ejection_percent",
+                                                                          "eject up to {}%")):
+        if o.get(key) is not None:
+            what.append(text.format(o[key]))
+    return (f"{o['service']}: {', '.join(what)}, by {o['by']} {time.time() - o['created_at']:.0f} s ago "
+            f"(id {o['id']}: {o['reason']})")
 
 
 def _last_exit(p: dict) -> str:

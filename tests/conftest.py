@@ -47,6 +47,7 @@ TIERS: dict[str, str] = {
     "test_ml_scenarios.py": INTEGRATION,  # trains the autoencoder on tests/data/scenarios (seconds of CPU)
     "test_spool.py": UNIT,              # the on-disk spool (and a SIGKILLed Python appender)
     "test_xds_ads.py": UNIT,            # our ADS server in process, against simulated Envoys
+    "test_overrides.py": UNIT,          # overrides merged over the spec; the control plane's /overrides in process
     "test_cli.py": INTEGRATION,         # `greymesh` answers; doctor runs envoy, opa, kafka, clickhouse
     "test_kafka_broker.py": INTEGRATION,  # a real Kafka (KRaft)
     "test_security_kafka.py": INTEGRATION,  # forged produce/consume on a real, secured Kafka: refused

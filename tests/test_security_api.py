@@ -1,7 +1,8 @@
 """Attacks on greymesh's HTTP APIs: each must be refused before a handler runs or a body is read.
 
 The guard lives in one place (core/jsonhttp.py); the unit cases drive it in process, on a
-server of its own and on the real decision-log receiver.  The e2e cases attack the real
+server of its own, on the real decision-log receiver and on the control plane's override
+endpoints.  The e2e cases attack the real
 daemons of one running mesh (control plane admin API, sink, tap service) the way a local
 process or a browser page would: no token, a wrong or another holder's token, a foreign
 Origin or Host, a cross-site ``text/plain`` POST, a negative or oversized Content-Length
@@ -10,6 +11,7 @@ on a raw socket, a forged decision-log batch, a forged ``X-Greymesh-Source``.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
 import socket
@@ -23,13 +25,15 @@ from collections.abc import Iterator
 import pytest
 
 from audit.migrations import table_for
+from controlplane.daemon import MAX_APPLY_BODY_BYTES
 from core import credentials, jsonhttp
 from core.contracts import DECISION_PATH
 from core.datadir import DataDir
-from core.jsonhttp import CLI, Access, ApiHandler, Credential
+from core.jsonhttp import ACTIONS, CLI, Access, ApiHandler, Credential
 from core.storeclient import sql_string
 from greymesh.runtime.workloads import DECISIONLOG_TOKEN, SCORER_TOKEN
 from tapstream.decisionlog import OPA, DecisionLogReceiver, receiver_access
+from tests.support.controlplane import admin_plane, prepare
 from tests.support.mesh import DEMO_SPEC, Mesh, wait_for
 
 HOST = "127.0.0.1"
@@ -170,6 +174,34 @@ def test_an_api_cannot_be_served_without_its_access():
         jsonhttp.serve(Echo, HOST, 0)
     with pytest.raises(ValueError, match="no credential"):
         Access((Credential(CLI, "t"),), 10, only={"/logs": frozenset({OPA})})
+
+
+# --- unit: the control plane's override endpoints, in process -------------------------------------
+
+
+@pytest.mark.unit
+@pytest.mark.asyncio
+async def test_the_override_endpoints_refuse_attacks_and_change_nothing(tmp_path):
+    dd = prepare(tmp_path / "data", DEMO_SPEC.read_text())
+    async with admin_plane(dd) as plane:
+        port = int(plane.url.rsplit(":", 1)[1])
+        versions = {n: snap.version_key for n, snap in plane.cp.cache.snapshots().items()}
+        url, body = plane.url + "/overrides/payments", json.dumps({"id": "x", "reason": "r", "timeout_s": 1}).encode()
+        actions = bearer(plane.tokens[ACTIONS])
+        attacks = [("PUT", body, JSON, 401), ("DELETE", None, {}, 401), ("GET", None, {}, 401),  # no token
+                   ("PUT", body, JSON | bearer(plane.tokens[ACTIONS][:-1]), 401),  # a wrong one
+                   ("PUT", body, JSON | actions | {"Origin": "http://evil.example"}, 403),  # a page's fetch
+                   ("PUT", body, actions | {"Content-Type": "text/plain"}, 415),  # a page's form
+                   ("PUT", b'{"id": "x", "reason": ', JSON | actions, 400)]  # bad JSON
+        for method, data, headers, status in attacks:
+            target = plane.url + "/overrides" if method == "GET" else url
+            assert (await asyncio.to_thread(request, target, data, headers, method))[0] == status, (method, headers)
+        head = f"PUT /overrides/payments HTTP/1.1\nHost: {HOST}:{port}\nAuthorization: Bearer {plane.tokens[ACTIONS]}\n"
+        status, took = await asyncio.to_thread(raw, port, head + f"Content-Type: application/json\nContent-Length: "
+                                                            f"{MAX_APPLY_BODY_BYTES + 1}\n")
+        assert (status, took < ANSWER_WITHIN_S) == (413, True)  # refused before a byte of it is read
+        assert {n: snap.version_key for n, snap in plane.cp.cache.snapshots().items()} == versions
+        assert not dd.overrides.exists() and len(plane.cp.overrides) == 0
 
 
 # --- unit: the real decision-log receiver --------------------------------------------------------
