@@ -222,15 +222,14 @@ def _own(spec: MeshSpec, service: str) -> tuple[tuple[Route, ...], OutlierDetect
 
 
 def routing(spec: MeshSpec, placement: Placement, overrides: OverrideSet) -> list[ServiceRouting]:
-    """Per service that has two subsets or more, or a route splitting over several: its split
-    as declared and in force, its serving instances per subset, its callers and override.
-    ``spec`` is the placed spec; ``overrides`` must merge over it (they always do in force)."""
+    """Per service: its split as declared and in force, its serving instances per subset, its
+    callers and override (the loop shifts weights of those with two subsets or more, and
+    scales any).  ``spec`` is the placed spec; ``overrides`` must merge over it (they always
+    do in force)."""
     merged = merge(spec, overrides)
     out = []
     for svc, effective in zip(spec.services, merged.services, strict=True):
         routes = svc.routes or (default_route(svc),)
-        if len(svc.subsets) < 2 and not any(len(r.split) > 1 for r in routes):
-            continue
         serving = {s: 0 for s in svc.subsets}
         for inst in svc.instances:
             ports = placement.sidecars.get(inst.name)

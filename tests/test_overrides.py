@@ -227,7 +227,11 @@ def test_routing_reports_declared_and_effective_splits_and_serving_instances(tmp
     spec, problems_ = placed_spec(SPEC, placement)
     assert problems_ == []
     overrides = OverrideSet(tmp_path / "o.json").put(weights("payments", v1=70, v2=30))
-    payments, inventory = routing(spec, placement, overrides)  # frontend has one subset and no split
+    by_service = {r.service: r for r in routing(spec, placement, overrides)}
+    assert set(by_service) == {s.name for s in SPEC.services}  # every service: the loop scales any of them
+    frontend, payments, inventory = by_service["frontend"], by_service["payments"], by_service["inventory"]
+    assert (frontend.subsets, frontend.declared, frontend.instances) == (("default",), (("default", 100),),
+                                                                        (("default", 1),))
     assert payments.to_json() == {
         "service": "payments", "subsets": ["v1", "v2"], "instances": {"v1": 1, "v2": 0}, "callers": ["frontend"],
         "declared": {"v1": 90, "v2": 10}, "effective": {"v1": 70, "v2": 30},
@@ -270,9 +274,9 @@ async def test_put_get_delete_reach_the_callers_sidecars_and_are_journaled(tmp_p
 
         status, listing = await plane.call("GET", "/overrides", principal=ACTIONS)
         assert status == 200
-        assert listing == {"services": [{
+        assert [s for s in listing["services"] if s["service"] == "payments"] == [{
             "service": "payments", "subsets": ["v1", "v2"], "instances": {"v1": 1, "v2": 1}, "callers": ["orders"],
-            "declared": {"v1": 100, "v2": 0}, "effective": {"v1": 50, "v2": 50}, "override": doc["override"]}]}
+            "declared": {"v1": 100, "v2": 0}, "effective": {"v1": 50, "v2": 50}, "override": doc["override"]}]
         assert (await plane.call("GET", "/status"))[1]["overrides"] == [doc["override"]]
         last = _journal(plane)[-1]
         assert (last["outcome"], last["source"], last["service"], last["changed"]) == (
