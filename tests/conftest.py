@@ -35,6 +35,7 @@ UNIT, INTEGRATION, E2E = "unit", "integration", "e2e"
 # Test module (its path under tests/) -> tier.  A new test module joins here.
 TIERS: dict[str, str] = {
     "test_credentials.py": UNIT,        # secrets: 0600 files, created once, refused when open to others
+    "test_alerts.py": UNIT,             # alert grouping, silences, outbox, delivery to loopback Slack/PagerDuty contracts
     "test_security_api.py": E2E,        # attacks on every HTTP API: the guard in process (unit cases), the
                                         # real daemons of one mesh
     "test_identity.py": UNIT,           # the CA; TLS handshakes in memory with OpenSSL
