@@ -176,9 +176,9 @@ class Notifier:
         self.db = db
         self.outbox = Outbox(db)
         db.executescript(_SCHEMA)
-        self.configure(spec)
+        self.update_spec(spec)
 
-    def configure(self, spec: AlertsSpec) -> None:
+    def update_spec(self, spec: AlertsSpec) -> None:
         """A new applied spec: its receivers, routes and timers count from the next call."""
         self.spec = spec
         self.receivers: dict[str, Receiver] = {r.name: r for r in spec.receivers}
@@ -236,7 +236,7 @@ class Notifier:
 
     # -- silences and inhibition --
 
-    def add_silence(self, *, service: str | None = None, kind: str | None = None, until: float, by: str,
+    def silence(self, *, service: str | None = None, kind: str | None = None, until: float, by: str,
                     comment: str, now: float) -> Silence:
         """Mute alerts of ``service`` and/or ``kind`` until ``until``; ValueError saying what is missing."""
         if not service and not kind:

@@ -283,9 +283,9 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="greymesh-alerts")
         self._inflight: dict[str, tuple[Message, Future[Verdict]]] = {}
-        self.configure(spec)
+        self.update_spec(spec)
 
-    def configure(self, spec: AlertsSpec) -> None:
+    def update_spec(self, spec: AlertsSpec) -> None:
         self.receivers = {r.name: r for r in spec.receivers}
 
     # -- one round --

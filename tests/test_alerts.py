@@ -189,12 +189,12 @@ def test_routes_first_match_by_service_and_severity(db: sqlite3.Connection) -> N
 def test_silences_mute_until_they_end_or_are_expired(db: sqlite3.Connection) -> None:
     n = Notifier(db, spec(UNSENT, group_wait_s=30, group_interval_s=300))
     with pytest.raises(ValueError, match="service, a kind, or both"):
-        n.add_silence(until=T0 + 100, by="ann", comment="deploy", now=T0)
+        n.silence(until=T0 + 100, by="ann", comment="deploy", now=T0)
     with pytest.raises(ValueError, match="in the future"):
-        n.add_silence(service="payments", until=T0, by="ann", comment="deploy", now=T0)
+        n.silence(service="payments", until=T0, by="ann", comment="deploy", now=T0)
     with pytest.raises(ValueError, match="who set it"):
-        n.add_silence(service="payments", until=T0 + 1, by=" ", comment="deploy", now=T0)
-    s = n.add_silence(service="payments", kind="latency", until=T0 + 100, by="ann", comment="deploy", now=T0)
+        n.silence(service="payments", until=T0 + 1, by=" ", comment="deploy", now=T0)
+    s = n.silence(service="payments", kind="latency", until=T0 + 100, by="ann", comment="deploy", now=T0)
     n.fire(alert("payments", "latency"), T0)
     n.fire(alert("payments", "errors"), T0)
     assert n.tick(T0 + 30) == 1
@@ -205,7 +205,7 @@ def test_silences_mute_until_they_end_or_are_expired(db: sqlite3.Connection) -> 
     assert n.tick(T0 + 330) == 1  # still firing when the silence ended: sent at the next flush
     assert slack_texts(db)[1].startswith("[FIRING:2]")
 
-    other = n.add_silence(service="orders", until=T0 + 10_000, by="bob", comment="noisy", now=T0 + 400)
+    other = n.silence(service="orders", until=T0 + 10_000, by="bob", comment="noisy", now=T0 + 400)
     assert n.expire_silence(other.id, T0 + 500) and not n.expire_silence(other.id, T0 + 501)
     assert n.silences(T0 + 501) == [] and [x.id for x in n.silences(T0 + 501, include_ended=True)] == [s.id, other.id]
 
@@ -259,7 +259,7 @@ def test_a_silenced_incident_is_still_resolved(db: sqlite3.Connection, pd: Pager
     n, d = Notifier(db, s), Dispatcher(db, s)
     n.fire(alert("payments", "latency"), T0)
     n.tick(T0 + 30)
-    n.add_silence(service="payments", until=T0 + 10_000, by="ann", comment="known", now=T0 + 40)
+    n.silence(service="payments", until=T0 + 10_000, by="ann", comment="known", now=T0 + 40)
     n.resolve("payments/latency", T0 + 50)
     n.tick(T0 + 330)
     db.commit()
