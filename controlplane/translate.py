@@ -118,6 +118,7 @@ from controlplane.sds import (
     upstream_tls,
 )
 from controlplane.xds.snapshot import CLUSTER, ENDPOINT, LISTENER, ROUTE, Resource, Snapshot
+from core.contracts import outbound_cluster
 from core.sidecar_auth import METADATA_KEY, SCHEME, SidecarIdentity, SidecarKey
 
 APP_CLUSTER = "inbound|app"
@@ -143,10 +144,6 @@ ROUTER_FILTER = "envoy.filters.http.router"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
 
 _ADS = ConfigSource(ads=AggregatedConfigSource(), resource_api_version=ApiVersion.V3)
-
-
-def outbound_cluster(service: str, subset: str) -> str:
-    return f"outbound|{service}|{subset}"
 
 
 @dataclass(frozen=True)

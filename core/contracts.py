@@ -36,6 +36,7 @@ merge over the spec (weights, timeouts, retries, outlier ejection), through its 
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Literal
 
@@ -48,6 +49,16 @@ ANOMALY_TOPIC = "greymesh.anomalies"
 ACTION_TOPIC = "greymesh.actions"
 # The listener names the control plane gives each sidecar; a log's name is its listener's.
 DIRECTIONS = ("inbound", "outbound", "ingress")
+# Service, subset and instance names are DNS labels (controlplane/meshspec.py holds every
+# spec to it): they become cluster names and node ids, and literals of the loop's SQL.
+NAME_RULE = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def outbound_cluster(service: str, subset: str) -> str:
+    """The Envoy cluster through which callers' sidecars send to ``service``'s ``subset``
+    (the control plane names them so); the l7 taps' ``upstream_cluster`` of those requests."""
+    return f"outbound|{service}|{subset}"
+
 
 # (name, ClickHouse type, meaning).  Types are ones both ClickHouse 18.16 and current
 # ClickHouse know; times are microseconds since the epoch (18.16 has no DateTime64).
