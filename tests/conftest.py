@@ -41,6 +41,8 @@ TIERS: dict[str, str] = {
     "test_identity.py": UNIT,           # the CA; TLS handshakes in memory with OpenSSL
     "test_security_files.py": UNIT,     # the data dir and state files are private
     "test_layers.py": UNIT,             # the import layers, read from the source (AST)
+    "test_loop.py": UNIT,               # the actions loop's judge, guardrails and decisions, with fakes
+    "test_loop_samples.py": INTEGRATION,  # the loop's sample query on chdb and a real ClickHouse server
     "test_meshspec.py": UNIT,           # mesh.yaml parsing and its error messages
     "test_loopspec.py": UNIT,           # mesh.yaml's alerts: and actions: sections, and their errors
     "test_ml.py": UNIT,                 # detectors, registry, scorer, eval on generated windows (GRU cases:
