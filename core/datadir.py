@@ -104,6 +104,11 @@ class DataDir:
         return self.root / "scorer.json"
 
     @property
+    def actions_state(self) -> Path:
+        """The actions stage's SQLite state (decisions, alerts, outbox, Kafka offsets; 0600)."""
+        return self.root / "actions" / "state.db"
+
+    @property
     def applies_journal(self) -> Path:
         return self.root / "applies.jsonl"
 

@@ -141,6 +141,7 @@ class LoopSpec:
 
 # --- reading the sections from mesh.yaml -------------------------------------------
 
+MAX_SILENCE_S = 30 * 86400  # a silence longer than a month is a receiver to remove, not mute
 MIN_HOLD_DOWN_S = 2 * WINDOW_SECONDS  # a step's effect must fill a whole window before the next step
 
 # Bounds where a value outside would make the loop spin, or never act or forget.

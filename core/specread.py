@@ -67,14 +67,18 @@ def _written(seconds: Decimal) -> str:
     return f"{seconds:f}s"
 
 
+def duration_seconds(written: str) -> Decimal | None:
+    """The seconds of a duration written as the spec writes them ('250ms', '2s', '1.5m', '2h');
+    None when it is not one (the CLI's flags take the same grammar)."""
+    found = _DURATION.fullmatch(written)
+    return None if found is None else Decimal(found[1]) * _DURATION_UNITS[found[2]]
+
+
 def duration_within(low: str, high: str) -> Callable[[Field], float | None]:
     """A reader of a duration bounded where a value outside would hurt the mesh (both bounds
     written as in the spec, e.g. '1m' and '720h')."""
-    def seconds(written: str) -> Decimal:
-        found = _DURATION.fullmatch(written)
-        assert found, written
-        return Decimal(found[1]) * _DURATION_UNITS[found[2]]
-    lo, hi = seconds(low), seconds(high)
+    lo, hi = duration_seconds(low), duration_seconds(high)
+    assert lo is not None and hi is not None, (low, high)
     return lambda f: f.duration(lo, hi)
 
 
@@ -195,12 +199,11 @@ class Field:
     def duration(self, low: Decimal = _MIN_DURATION, high: Decimal = _MAX_DURATION) -> float | None:
         """Seconds, from a string like '250ms', '2s', '1.5s' or '1m', between low and high."""
         value = self._value()
-        found = _DURATION.fullmatch(value) if isinstance(value, str) else None
-        if found is None:
+        seconds = duration_seconds(value) if isinstance(value, str) else None
+        if seconds is None:
             bare = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
             self._expected("a duration like '250ms' or '2s'", f" (add a unit: '{self.node.value}s')" if bare else "")
             return None
-        seconds = Decimal(found[1]) * _DURATION_UNITS[found[2]]
         if low <= seconds <= high:
             return float(seconds)
         self.fail(f"must be between {_written(low)} and {_written(high)}, got '{shorten(value)}'")
