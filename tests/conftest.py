@@ -60,6 +60,7 @@ TIERS: dict[str, str] = {
     "test_store.py": INTEGRATION,       # chdb, and a real ClickHouse server
     "test_security_query.py": INTEGRATION,  # the query sandbox's attacks on chdb and a real ClickHouse server
     "test_supervisor.py": INTEGRATION,  # our supervisor daemon over real child processes, killed and restarted
+    "test_actions_service.py": INTEGRATION,  # the actions process and its Kafka edges, killed -9 mid-episode
     "test_tap_producer.py": INTEGRATION,  # a real Kafka
     "test_sink.py": E2E,                # a real Kafka into chdb or a ClickHouse server
     "test_runtime.py": E2E,             # two meshes side by side (and two unit tests)

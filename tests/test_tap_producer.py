@@ -24,13 +24,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 from core import contracts
 from greymesh.runtime import kafka as broker
 from tapstream.producer import ProducerStats, TapProducer
-from tests.support.kafka import Broker
+from tests.support.kafka import Broker, read_all
 
 SERVICES = [f"svc-{i}" for i in range(10)]
 DRAIN_TIMEOUT = 120.0
@@ -57,25 +57,6 @@ def _create_topics(kafka: Broker, names: list[str], partitions: int = 3, configs
     finally:
         admin.close()
 
-
-def _read_all(kafka: Broker, topics: list[str], timeout: float = 60.0) -> list:
-    """Every record of ``topics`` from the beginning up to their current end."""
-    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
-                             max_partition_fetch_bytes=4 << 20, **kafka.admin.client_config())
-    try:
-        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t))]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        records = []
-        deadline = time.monotonic() + timeout
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            assert time.monotonic() < deadline, "could not read the topics back in time"
-            for batch in consumer.poll(timeout_ms=500).values():
-                records.extend(batch)
-        return records
-    finally:
-        consumer.close()
 
 
 def _wait_drained(producer: TapProducer, timeout: float = DRAIN_TIMEOUT) -> ProducerStats:
@@ -162,7 +143,7 @@ def test_broker_killed_mid_stream_loses_nothing(kafka: Broker, tmp_path: Path):
     finally:
         producer.close()
 
-    records = _read_all(kafka, topics)
+    records = read_all(kafka, topics)
     values = [json.loads(r.value) for r in records]
     ids = [v["id"] for v in values]
     missing = set(range(n)) - set(ids)
@@ -222,7 +203,7 @@ def test_spool_full_drops_are_counted_reported_and_the_rest_arrives_in_order(kaf
     assert str(full.dropped_records) in dropped_logs[-1].getMessage()
     assert not [r for r in caplog.records if "xxxxxxxx" in r.getMessage()], "record contents must not be logged"
 
-    records = _read_all(kafka, [topic])
+    records = read_all(kafka, [topic])
     ids = {int(r.value[:6]) for r in records}
     # FIFO and equal sizes: the first `accepted` records were kept, every later one dropped.
     assert ids == set(range(accepted))
@@ -279,7 +260,7 @@ def test_records_left_in_the_spool_are_delivered_by_the_next_producer(kafka: Bro
     finally:
         second.close()
 
-    records = _read_all(kafka, [topic])
+    records = read_all(kafka, [topic])
     by_key = defaultdict(list)
     for r in sorted(records, key=lambda r: (r.partition, r.offset)):
         by_key[r.key].append(r.value)

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from kafka import KafkaConsumer, TopicPartition
+
 from core.datadir import DataDir
 from core.kafka import ADMIN, KafkaAuth, wait_ready
 from greymesh.runtime import kafka as broker
@@ -60,3 +62,23 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()  # SIGKILL: no clean shutdown, the log is recovered on restart
             self.proc.wait(timeout=30)
+
+
+def read_all(kafka: Broker, topics: list[str], timeout: float = 60.0) -> list:
+    """Every record of ``topics`` from the beginning up to their current end."""
+    consumer = KafkaConsumer(bootstrap_servers=kafka.bootstrap, group_id=None, enable_auto_commit=False,
+                             max_partition_fetch_bytes=4 << 20, **kafka.admin.client_config())
+    try:
+        tps = [TopicPartition(t, p) for t in topics for p in sorted(consumer.partitions_for_topic(t))]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        records = []
+        deadline = time.monotonic() + timeout
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            assert time.monotonic() < deadline, "could not read the topics back in time"
+            for batch in consumer.poll(timeout_ms=500).values():
+                records.extend(batch)
+        return records
+    finally:
+        consumer.close()
