@@ -23,7 +23,7 @@ from core import credentials
 from core.datadir import PRIVATE_UMASK, DataDir, default_data_dir
 from core.errors import GreymeshError
 from core.specread import SpecError
-from greymesh import doctor, ml_cli, policy_cli, taps_cli
+from greymesh import actions_cli, doctor, ml_cli, policy_cli, taps_cli
 from greymesh.runtime import local as runtime
 
 
@@ -99,6 +99,7 @@ def _parser() -> argparse.ArgumentParser:
     policy_cli.register(sub, data_dir)
     taps_cli.register(sub, data_dir)
     ml_cli.register(sub, data_dir)
+    actions_cli.register(sub, data_dir)
 
     sp = cmd("doctor", _doctor, "list the external components greymesh uses and how to install missing ones")
     sp.add_argument("--json", action="store_true")
@@ -265,7 +266,38 @@ def _render_status(doc: dict) -> str:
         lines += ["", *_render_taps(doc["taps"])]
     if "ml" in doc:
         lines += ["", _render_ml(doc["ml"])]
+    if "actions" in doc:
+        lines += ["", *_render_actions(doc["actions"])]
     return "\n".join(lines)
+
+
+def _render_actions(a: dict) -> list[str]:
+    """The loop's health and mode, what it holds, the firing alerts and every receiver's state."""
+    if "error" in a:
+        return [f"actions: {a['error']}"]
+    loop, health = a["loop"], a["health"]
+    modes = ", ".join(f"{s} {m}" for s, m in loop["modes"].items())
+    lines = [f"actions: mode {loop['default_mode']}" + (f" ({modes})" if modes else "")
+             + (f"; FROZEN by {loop['frozen']}" if loop["frozen"] else "")
+             + (f"; BLIND: {health['detail']}" if loop["blind"] else "; the loop sees")]
+    if a.get("spec_problem"):
+        lines.append(f"    config: {a['spec_problem']}")
+    for e in loop["routing"]:
+        lines.append(f"    routing {e['service']}: {' / '.join(f'{s} {w}' for s, w in e['weights'].items())} "
+                     f"(away from {e['drained']})")
+    for e in loop["scaling"]:
+        lines.append(f"    scaling {e['service']}: {e['instances']} instance(s) (was {e['baseline']})")
+    if a.get("unsent_decisions"):
+        lines.append(f"    {a['unsent_decisions']} decision(s) wait for Kafka"
+                     + (f", {a['dropped_decisions']} dropped" if a.get("dropped_decisions") else ""))
+    firing = a["alerts"]["firing"]
+    lines.append(f"alerts: {len(firing)} firing" + "".join(f"\n    {f['key']} {f['severity']}"
+                                                           + (f" ({f['muted']})" if f["muted"] else "")
+                                                           for f in firing))
+    for r in a["receivers"]:
+        if r["state"] != "ok":
+            lines.append(f"    receiver {r['name']} ({r['type']}) {r['state'].upper()}: {r['error']}")
+    return lines
 
 
 def _override(o: dict) -> str:

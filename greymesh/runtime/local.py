@@ -43,8 +43,8 @@ from core import credentials, jsonhttp
 from core import kafka as kafka_client
 from core.datadir import DataDir, write_atomic
 from core.endpoints import (
-    AUTHZ, CP_ADMIN, HOST, HOST_KEYS, KAFKA, KAFKA_CONTROLLER, SIDECAR_ROLES, SINK_HTTP, TAP_SERVICES, TAPS_HTTP,
-    Endpoints, XdsApi, entrypoint_tls,
+    ACTIONS_HTTP, AUTHZ, CP_ADMIN, HOST, HOST_KEYS, KAFKA, KAFKA_CONTROLLER, SIDECAR_ROLES, SINK_HTTP, TAP_SERVICES,
+    TAPS_HTTP, Endpoints, XdsApi, entrypoint_tls,
 )
 from core.errors import GreymeshError, InputError, NotRunning
 from core.wait import wait_until
@@ -577,6 +577,8 @@ def status(dd: DataDir) -> dict:
     if "scorer" in up_:
         with contextlib.suppress(OSError, ValueError):
             doc["ml"] = json.loads(dd.scorer_stats.read_text())
+    if "actions" in up_:
+        doc["actions"] = _api_get(endpoints.url(ACTIONS_HTTP) + "/status", token) if token else unreadable
     return doc
 
 

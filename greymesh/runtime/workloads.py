@@ -15,6 +15,7 @@ it changes, so `up`, `scale` and a spec change only rewrite the table.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -26,11 +27,11 @@ from controlplane.meshspec import MeshSpec
 from controlplane.placement import Placement
 from core.datadir import DataDir, write_atomic
 from core.endpoints import (
-    AUTHZ, CP_ADMIN, CP_XDS, HOST, KAFKA, OPA_HTTP, SINK_HTTP, TAP_SERVICES, Endpoints,
+    ACTIONS_HTTP, AUTHZ, CP_ADMIN, CP_XDS, HOST, KAFKA, OPA_HTTP, SINK_HTTP, TAP_SERVICES, Endpoints,
 )
 from core.installs import opa_binary
 from core.jsonhttp import HEALTH_PATH
-from core.kafka import ADMIN, SCORER, SINK, TAPS, mesh_auth, secret_path
+from core.kafka import ACTIONS, ADMIN, SCORER, SINK, TAPS, mesh_auth, secret_path
 from core.sidecar_auth import SidecarIdentity, SidecarKey, purpose_secret
 from greymesh.runtime import kafka as broker
 from greymesh.runtime import opa
@@ -141,11 +142,12 @@ def start_order(workloads: Iterable[Workload]) -> list[Workload]:
 # issues them at `up` (api_token_files); each holder is given its file's path.
 SCORER_TOKEN = "scorer.token"
 DECISIONLOG_TOKEN = "decisionlog.token"
+ACTIONS_TOKEN = "actions.token"  # the actions stage's, for the control plane's overrides and the sink's /query
 
 
 def api_token_files(dd: DataDir) -> tuple[Path, ...]:
     """Every API token file of the mesh in ``dd``, for `up` to issue."""
-    return dd.api_token, dd.secret(SCORER_TOKEN), dd.secret(DECISIONLOG_TOKEN)
+    return dd.api_token, dd.secret(SCORER_TOKEN), dd.secret(DECISIONLOG_TOKEN), dd.secret(ACTIONS_TOKEN)
 
 
 def _python(module: str, *args: str) -> tuple[str, ...]:
@@ -189,6 +191,7 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
         "sink", _python("audit.sink", "--data-dir", str(dd.root), "--kafka", kafka, *_kafka_secret(dd, endpoints, SINK),
                         "--http-port", str(p[SINK_HTTP]), "--api-token-file", str(dd.api_token),
                         "--scorer-token-file", str(dd.secret(SCORER_TOKEN)),
+                        "--actions-token-file", str(dd.secret(ACTIONS_TOKEN)),
                         *(["--store", endpoints.store] if endpoints.store else []),
                         # The path of the server's password, never the password (core/credentials.py).
                         *(["--store-password-file", str(dd.secret(STORE_PASSWORD))]
@@ -218,8 +221,22 @@ def build(dd: DataDir, spec: MeshSpec, endpoints: Endpoints, placement: Placemen
         "controlplane", _python("controlplane.daemon", "--data-dir", str(dd.root), "--xds-port", str(p[CP_XDS]),
                                 "--admin-port", str(p[CP_ADMIN]), "--opa-port", str(p[OPA_HTTP]),
                                 "--opa-token-file", str(opa_files.admin_token),
-                                "--api-token-file", str(dd.api_token), *(["--watch"] if options.watch else [])),
+                                "--api-token-file", str(dd.api_token),
+                                "--actions-token-file", str(dd.secret(ACTIONS_TOKEN)),
+                                *(["--watch"] if options.watch else [])),
         "mesh", ready=Probe("http", endpoints.url(CP_ADMIN) + HEALTH_PATH), after=("opa",), ports=(CP_XDS, CP_ADMIN)))
+    # The actions stage: anomalies -> alerts and guarded overrides; it scales through the CLI's
+    # own `scale` (the runtime's one way to add instances), given as a command, not an import.
+    scale_command = shlex.join([sys.executable, "-m", "greymesh.cli", "scale", "--data-dir", str(dd.root)])
+    rows.append(Workload(
+        "actions", _python("actions.service", "--data-dir", str(dd.root), "--kafka", kafka,
+                           *_kafka_secret(dd, endpoints, ACTIONS),
+                           "--controlplane-url", endpoints.url(CP_ADMIN), "--sink-url", endpoints.url(SINK_HTTP),
+                           "--token-file", str(dd.secret(ACTIONS_TOKEN)), "--api-token-file", str(dd.api_token),
+                           "--http-port", str(p[ACTIONS_HTTP]), "--scorer-stats", str(dd.scorer_stats),
+                           "--scale-command", scale_command),
+        "infrastructure", ready=Probe("http", endpoints.url(ACTIONS_HTTP) + HEALTH_PATH),
+        after=("sink", "controlplane"), ports=(ACTIONS_HTTP,)))
     calls = {s.name: s.calls for s in spec.services}
     for name, placed in sorted(placement.sidecars.items()):
         owner = f"instance:{placed.service}/{placed.subset}/{name}"
