@@ -162,7 +162,7 @@ def test_status_lists_every_process_and_sidecar(mesh: Mesh):
     procs = doc["processes"]
     instances = ["frontend-1", "orders-1", "payments-v1-1", "payments-v2-1", "inventory-1"]
     host_wide = {"controlplane", "loadgen", "opa", "authz", "kafka", "taps", "taps-2", "sink",
-                 "scorer"}
+                 "scorer", "actions"}
     assert {f"envoy:{i}" for i in instances} | {f"app:{i}" for i in instances} | host_wide == set(procs)
     assert all(p["running"] and p["ready"] and p["state"] == "ready" for p in procs.values())
     assert mesh.cli("status", check=False).returncode == 0

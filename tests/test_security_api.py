@@ -31,7 +31,7 @@ from core.contracts import DECISION_PATH
 from core.datadir import DataDir
 from core.jsonhttp import ACTIONS, CLI, Access, ApiHandler, Credential
 from core.storeclient import sql_string
-from greymesh.runtime.workloads import DECISIONLOG_TOKEN, SCORER_TOKEN
+from greymesh.runtime.workloads import ACTIONS_TOKEN, DECISIONLOG_TOKEN, SCORER_TOKEN
 from tapstream.decisionlog import OPA, DecisionLogReceiver, receiver_access
 from tests.support.controlplane import admin_plane, prepare
 from tests.support.mesh import DEMO_SPEC, Mesh, wait_for
@@ -260,7 +260,8 @@ def _apis(mesh: Mesh) -> dict[str, tuple[int, str, str]]:
     return {"controlplane": (ports["controlplane.admin"], "/status", "/apply"),
             "sink": (ports["sink.http"], "/stats", "/query"),
             "taps": (ports["taps.http"], "/stats", "/logs"),
-            "taps-2": (ports["taps-2.http"], "/stats", "/logs")}
+            "taps-2": (ports["taps-2.http"], "/stats", "/logs"),
+            "actions": (ports["actions.http"], "/status", "/silences")}
 
 
 def _secret(mesh: Mesh, name: str) -> str:
@@ -289,6 +290,14 @@ def test_every_api_refuses_calls_without_its_credential(mesh: Mesh):
     assert request(f"http://{HOST}:{ports['controlplane.admin']}/status", headers=bearer(scorer))[0] == 401
     assert request(f"http://{HOST}:{ports['controlplane.admin']}/status", headers=bearer(opa))[0] == 401
     assert request(f"http://{HOST}:{ports['taps.http']}/stats", headers=bearer(opa))[0] == 403
+    # The actions stage reads the store and asks for overrides; it applies nothing, and its
+    # own API answers the CLI only (a stolen stage token cannot unfreeze or revert).
+    actions = _secret(mesh, ACTIONS_TOKEN)
+    assert request(f"http://{HOST}:{ports['sink.http']}/query", b'{"sql": "SELECT 1"}', JSON | bearer(actions))[0] == 200
+    assert request(f"http://{HOST}:{ports['controlplane.admin']}/overrides", headers=bearer(actions))[0] == 200
+    assert request(f"http://{HOST}:{ports['controlplane.admin']}/apply", b"{}", JSON | bearer(actions))[0] == 403
+    assert request(f"http://{HOST}:{ports['actions.http']}/unfreeze", b"{}", JSON | bearer(actions))[0] == 401
+    assert request(f"http://{HOST}:{ports['actions.http']}/status", headers=bearer(scorer))[0] == 401
 
 
 def test_every_api_refuses_cross_site_requests(mesh: Mesh):
@@ -360,8 +369,9 @@ def test_the_cli_works_with_no_flag_and_no_secret_leaves_its_file(mesh: Mesh):
     assert json.loads(out.splitlines()[0]) == {"one": 1}
     assert mesh.cli("taps", "stats", "--interval", "0.2").returncode == 0
     secrets_dir = DataDir(mesh.data_dir).secrets
-    tokens = [credentials.read(secrets_dir / n) for n in ("api.token", SCORER_TOKEN, DECISIONLOG_TOKEN)]
-    assert all((secrets_dir / n).stat().st_mode & 0o077 == 0 for n in ("api.token", SCORER_TOKEN, DECISIONLOG_TOKEN))
+    names = ("api.token", SCORER_TOKEN, DECISIONLOG_TOKEN, ACTIONS_TOKEN)
+    tokens = [credentials.read(secrets_dir / n) for n in names]
+    assert all((secrets_dir / n).stat().st_mode & 0o077 == 0 for n in names)
     shown = "".join(p.read_text() for p in (mesh.data_dir / "workloads.json", mesh.data_dir / "runtime.json"))
     shown += mesh.cli("status", "--json").stdout
     shown += "".join(p.read_text(errors="replace") for p in DataDir(mesh.data_dir).logs.iterdir() if p.is_file())
