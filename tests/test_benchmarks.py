@@ -24,6 +24,7 @@ VERDICT_OK = "OK: no request or event failed"  # printed by tests/benchmarks/pro
 # Every benchmark, with the seconds its quick run may take.  A few seconds to half a minute
 # on an idle 2-core machine; the bound leaves room for a machine busy with other work.
 QUICK_TIMEOUT_S = {
+    "bench_actions.py": 300,
     "bench_ml.py": 300,
     "bench_sidecar_latency.py": 300,
     "bench_taps_pipeline.py": 300,
