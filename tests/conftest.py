@@ -60,6 +60,7 @@ TIERS: dict[str, str] = {
     "test_store.py": INTEGRATION,       # chdb, and a real ClickHouse server
     "test_security_query.py": INTEGRATION,  # the query sandbox's attacks on chdb and a real ClickHouse server
     "test_supervisor.py": INTEGRATION,  # our supervisor daemon over real child processes, killed and restarted
+    "test_actions_replay.py": UNIT,     # an hour of recorded normal windows through scorer, loop and notifier: silence
     "test_actions_service.py": INTEGRATION,  # the actions process and its Kafka edges, killed -9 mid-episode
     "test_tap_producer.py": INTEGRATION,  # a real Kafka
     "test_sink.py": E2E,                # a real Kafka into chdb or a ClickHouse server
@@ -69,7 +70,8 @@ TIERS: dict[str, str] = {
     "test_zero_trust_e2e.py": E2E,      # the demo mesh with OPA and mTLS
     "test_security_ingress.py": E2E,    # the ingress (TLS, JWT, authz) and path tricks on the demo mesh
     "test_security_sidecar.py": E2E,    # impostor sidecars on ADS, ALS and ext_authz: in process (unit cases) and on the demo mesh
-    "test_ml_e2e.py": E2E,              # the demo mesh with its scorer
+    "test_ml_e2e.py": E2E,
+    "test_actions_e2e.py": E2E,         # the demo mesh: a slow canary drained and restored by the loop, paged once              # the demo mesh with its scorer
     "test_faults.py": E2E,              # kill -9 of each component of the demo mesh
     "test_benchmarks.py": E2E,          # the benchmarks, on real meshes
 }
