@@ -10,6 +10,7 @@ what this module checks of the loop (tests/test_loop.py and the E2E test check i
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -27,8 +29,7 @@ from actions.feed import AnomalyFeed, DecisionLog
 from core import credentials, jsonhttp
 from core.contracts import ACTION_TOPIC, ANOMALY_TOPIC, ActionDecision, AnomalyEvent
 from core.kafka import ACTIONS, secret_path
-from greymesh.runtime import kafka as broker
-from tests.support.kafka import Broker, read_all
+from tests.support.kafka import Broker, read_all, running_broker
 from tests.support.mesh import wait_for
 from tests.support.net import free_port
 from tests.support.receivers import PagerDutyEvents, SlackWebhook
@@ -38,13 +39,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("kafka"))
-    broker.format_storage(b.run_dir, b.config)
-    b.start()
-    try:
+    with running_broker(tmp_path_factory.mktemp("kafka")) as b:
         yield b
-    finally:
-        b.kill()
 
 
 def anomaly(state: str, service: str = "payments", anomaly_id: str | None = None, window: int | None = None,
@@ -214,113 +210,106 @@ actions:
 """)
 
 
-def test_the_process_turns_anomalies_into_one_incident_and_survives_kill_9_mid_episode(kafka: Broker, tmp_path: Path):
+@contextlib.contextmanager
+def running_actions(tmp_path: Path, kafka: Broker) -> Iterator[tuple[ActionsProcess, SlackWebhook, PagerDutyEvents]]:
+    """The process started on a spec routing every alert to a loopback Slack and PagerDuty;
+    killed on exit if a test left it running."""
     with SlackWebhook() as slack, PagerDutyEvents() as pd:
         spec = tmp_path / "applied.yaml"
         write_spec(spec, slack, pd)
         proc = ActionsProcess(tmp_path / "dd", kafka, spec)
         proc.start()
         try:
-            assert (tmp_path / "dd" / "actions" / "state.db").stat().st_mode & 0o077 == 0
-
-            # Blind (no store, no control plane): it says so and holds.
-            wait_for(lambda: proc.status()["loop"]["blind"], 30, "the loop to say it is blind")
-            health = proc.status()["health"]
-            assert not health["store_ok"] and "store" in health["detail"]
-
-            opened = anomaly("open")
-            produce(kafka, [opened])
-            payments = lambda: [i for i in pd.incidents if "payments" in " ".join(i.summaries)]  # noqa: E731
-            wait_for(lambda: bool(payments()), 60, "a PagerDuty trigger for the anomaly")
-            wait_for(lambda: any("payments" in json.dumps(m) for m in slack.messages), 60, "a Slack message on payments")
-
-            # kill -9 with the episode open, the resolve arriving while it is down.
-            proc.kill()
-            produce(kafka, [anomaly("resolved", anomaly_id=opened.anomaly_id)])
-            proc.start()
-            wait_for(lambda: payments() and all(i.resolved for i in payments()), 60,
-                     "the payments incident resolved after the restart")
-            assert len(payments()) == 1, "one incident per episode, even across a kill -9"
-            assert payments()[0].triggers == 1
-
-            # Its decisions are in Kafka, written as the stage's own principal.
-            def held() -> list[dict]:
-                records = read_all(kafka, [ACTION_TOPIC])
-                return [d for r in records for d in json.loads(r.value)
-                        if d["anomaly_id"] == opened.anomaly_id and d["outcome"] == "held"]
-            wait_for(lambda: bool(held()), 30, "a held decision for the anomaly on greymesh.actions")
-            assert held()[0]["guardrail"] == "blind"
-
-            receivers = {r["name"]: r for r in proc.api("/alerts")["receivers"]}
-            assert receivers["oncall"]["state"] == "ok" and receivers["oncall"]["sent"] >= 2
-            assert receivers["chat"]["sent"] >= 1
-            assert str(slack.url) not in (proc.log.read_text() + json.dumps(proc.status()))
-            assert proc.stop() == 0
+            yield proc, slack, pd
         finally:
             if proc.proc and proc.proc.poll() is None:
                 proc.kill()
+
+
+def test_the_process_turns_anomalies_into_one_incident_and_survives_kill_9_mid_episode(kafka: Broker, tmp_path: Path):
+    with running_actions(tmp_path, kafka) as (proc, slack, pd):
+        assert (tmp_path / "dd" / "actions" / "state.db").stat().st_mode & 0o077 == 0
+
+        # Blind (no store, no control plane): it says so and holds.
+        wait_for(lambda: proc.status()["loop"]["blind"], 30, "the loop to say it is blind")
+        health = proc.status()["health"]
+        assert not health["store_ok"] and "store" in health["detail"]
+
+        opened = anomaly("open")
+        produce(kafka, [opened])
+        payments = lambda: [i for i in pd.incidents if "payments" in " ".join(i.summaries)]  # noqa: E731
+        wait_for(lambda: bool(payments()), 60, "a PagerDuty trigger for the anomaly")
+        wait_for(lambda: any("payments" in json.dumps(m) for m in slack.messages), 60, "a Slack message on payments")
+
+        # kill -9 with the episode open, the resolve arriving while it is down.
+        proc.kill()
+        produce(kafka, [anomaly("resolved", anomaly_id=opened.anomaly_id)])
+        proc.start()
+        wait_for(lambda: payments() and all(i.resolved for i in payments()), 60,
+                 "the payments incident resolved after the restart")
+        assert len(payments()) == 1, "one incident per episode, even across a kill -9"
+        assert payments()[0].triggers == 1
+
+        # Its decisions are in Kafka, written as the stage's own principal.
+        def held() -> list[dict]:
+            records = read_all(kafka, [ACTION_TOPIC])
+            return [d for r in records for d in json.loads(r.value)
+                    if d["anomaly_id"] == opened.anomaly_id and d["outcome"] == "held"]
+        wait_for(lambda: bool(held()), 30, "a held decision for the anomaly on greymesh.actions")
+        assert held()[0]["guardrail"] == "blind"
+
+        receivers = {r["name"]: r for r in proc.api("/alerts")["receivers"]}
+        assert receivers["oncall"]["state"] == "ok" and receivers["oncall"]["sent"] >= 2
+        assert receivers["chat"]["sent"] >= 1
+        assert str(slack.url) not in (proc.log.read_text() + json.dumps(proc.status()))
+        assert proc.stop() == 0
 
 
 def test_the_api_takes_only_the_clis_token_and_checks_what_it_is_given(kafka: Broker, tmp_path: Path):
-    with SlackWebhook() as slack, PagerDutyEvents() as pd:
-        spec = tmp_path / "applied.yaml"
-        write_spec(spec, slack, pd)
-        proc = ActionsProcess(tmp_path / "dd", kafka, spec)
-        proc.start()
-        try:
-            with pytest.raises(jsonhttp.ApiError) as refused:
-                jsonhttp.call(proc.url + "/status", timeout_s=10)
-            assert refused.value.status == 401
-            actions_token = credentials.read(tmp_path / "dd" / "secrets" / "actions.token")
-            with pytest.raises(jsonhttp.ApiError) as refused:
-                jsonhttp.call(proc.url + "/freeze", {}, token=actions_token, timeout_s=10)
-            assert refused.value.status == 401, "the stage's own token is for its clients, not its API"
+    with running_actions(tmp_path, kafka) as (proc, slack, _):
+        with pytest.raises(jsonhttp.ApiError) as refused:
+            jsonhttp.call(proc.url + "/status", timeout_s=10)
+        assert refused.value.status == 401
+        actions_token = credentials.read(tmp_path / "dd" / "secrets" / "actions.token")
+        with pytest.raises(jsonhttp.ApiError) as refused:
+            jsonhttp.call(proc.url + "/freeze", {}, token=actions_token, timeout_s=10)
+        assert refused.value.status == 401, "the stage's own token is for its clients, not its API"
 
-            for path, body, says in [
-                ("/silences", {"duration_s": -1, "comment": "x"}, "duration_s"),
-                ("/silences", {"duration_s": 60, "comment": "x", "service": {"a": 1}}, "service"),
-                ("/mode", {"service": "payments", "mode": "fast"}, "mode"),
-                ("/mode", {"service": "../x", "mode": "on"}, "service"),
-                ("/revert", {"id": "nope"}, "no decision"),
-                ("/silences/expire", {"id": "nope"}, "no active silence"),
-            ]:
-                with pytest.raises(jsonhttp.ApiError) as bad:
-                    proc.api(path, body)
-                assert bad.value.status == 400 and says in str(bad.value), (path, body, str(bad.value))
+        for path, body, says in [
+            ("/silences", {"duration_s": -1, "comment": "x"}, "duration_s"),
+            ("/silences", {"duration_s": 60, "comment": "x", "service": {"a": 1}}, "service"),
+            ("/mode", {"service": "payments", "mode": "fast"}, "mode"),
+            ("/mode", {"service": "../x", "mode": "on"}, "service"),
+            ("/revert", {"id": "nope"}, "no decision"),
+            ("/silences/expire", {"id": "nope"}, "no active silence"),
+        ]:
+            with pytest.raises(jsonhttp.ApiError) as bad:
+                proc.api(path, body)
+            assert bad.value.status == 400 and says in str(bad.value), (path, body, str(bad.value))
 
-            silence = proc.api("/silences", {"service": "payments", "duration_s": 600, "comment": "maintenance"})
-            listed = proc.api("/alerts")["alerts"]["silences"]
-            assert [s["id"] for s in listed] == [silence["silence"]["id"]]
-            assert listed[0]["created_by"] == "cli"
-            proc.api("/silences/expire", {"id": silence["silence"]["id"]})
-            assert proc.api("/alerts")["alerts"]["silences"] == []
+        silence = proc.api("/silences", {"service": "payments", "duration_s": 600, "comment": "maintenance"})
+        listed = proc.api("/alerts")["alerts"]["silences"]
+        assert [s["id"] for s in listed] == [silence["silence"]["id"]]
+        assert listed[0]["created_by"] == "cli"
+        proc.api("/silences/expire", {"id": silence["silence"]["id"]})
+        assert proc.api("/alerts")["alerts"]["silences"] == []
 
-            proc.api("/mode", {"service": "payments", "mode": "shadow"})
-            assert proc.status()["loop"]["modes"] == {"payments": "shadow"}
-            verdict = proc.api("/alerts/test", {"receiver": "chat"})
-            assert verdict == {"outcome": "sent", "error": ""}
-            assert any("test message" in json.dumps(m) for m in slack.messages)
-            assert proc.api("/alerts/test", {"receiver": "nobody"})["outcome"] == "failed"
-        finally:
-            if proc.proc and proc.proc.poll() is None:
-                proc.kill()
+        proc.api("/mode", {"service": "payments", "mode": "shadow"})
+        assert proc.status()["loop"]["modes"] == {"payments": "shadow"}
+        verdict = proc.api("/alerts/test", {"receiver": "chat"})
+        assert verdict == {"outcome": "sent", "error": ""}
+        assert any("test message" in json.dumps(m) for m in slack.messages)
+        assert proc.api("/alerts/test", {"receiver": "nobody"})["outcome"] == "failed"
 
 
 def test_a_spec_edited_into_nonsense_keeps_the_running_config(kafka: Broker, tmp_path: Path):
-    with SlackWebhook() as slack, PagerDutyEvents() as pd:
-        spec = tmp_path / "applied.yaml"
-        write_spec(spec, slack, pd)
-        proc = ActionsProcess(tmp_path / "dd", kafka, spec)
-        proc.start()
-        try:
-            assert proc.status()["loop"]["default_mode"] == "on"
-            spec.write_text(spec.read_text().replace("mode: on", "mode: sideways"))
-            os.utime(spec, (time.time() + 5, time.time() + 5))
-            wait_for(lambda: proc.status()["spec_problem"] is not None, 30, "the bad spec reported")
-            problem = proc.status()["spec_problem"]
-            assert str(spec) in problem and "mode" in problem and "keeping the running config" in problem
-            assert proc.status()["loop"]["default_mode"] == "on"
-            assert proc.proc is not None and proc.proc.poll() is None
-        finally:
-            if proc.proc and proc.proc.poll() is None:
-                proc.kill()
+    with running_actions(tmp_path, kafka) as (proc, _, _):
+        assert proc.status()["loop"]["default_mode"] == "on"
+        spec = proc.spec
+        spec.write_text(spec.read_text().replace("mode: on", "mode: sideways"))
+        os.utime(spec, (time.time() + 5, time.time() + 5))
+        wait_for(lambda: proc.status()["spec_problem"] is not None, 30, "the bad spec reported")
+        problem = proc.status()["spec_problem"]
+        assert str(spec) in problem and "mode" in problem and "keeping the running config" in problem
+        assert proc.status()["loop"]["default_mode"] == "on"
+        assert proc.proc is not None and proc.proc.poll() is None

@@ -15,10 +15,9 @@ from kafka import KafkaProducer
 
 from core import contracts
 from core.kafka import SCORER, TAPS
-from greymesh.runtime import kafka as broker
 from audit.sink import Sink
 from audit.store import Store, StoreError, table_for
-from tests.support.kafka import Broker
+from tests.support.kafka import Broker, running_broker
 from tests.support.mesh import wait_for
 
 TOPIC = contracts.topic("l7")
@@ -28,13 +27,8 @@ TOPIC = contracts.topic("l7")
 def kafka(tmp_path: Path) -> Iterator[Broker]:
     # Secured as in a mesh: records are produced as the taps and the scorer; the tests' sinks
     # join groups of their own, which only the admin may (the sink's principal has one group).
-    b = Broker(tmp_path / "kafka")
-    broker.format_storage(b.run_dir, b.config)
-    b.start()
-    try:
+    with running_broker(tmp_path / "kafka") as b:
         yield b
-    finally:
-        b.kill()
 
 
 def event(sidecar: str, i: int) -> dict[str, Any]:

@@ -28,9 +28,8 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 
 from core import contracts
-from greymesh.runtime import kafka as broker
 from tapstream.producer import ProducerStats, TapProducer
-from tests.support.kafka import Broker, read_all
+from tests.support.kafka import Broker, read_all, running_broker
 
 SERVICES = [f"svc-{i}" for i in range(10)]
 DRAIN_TIMEOUT = 120.0
@@ -38,13 +37,8 @@ DRAIN_TIMEOUT = 120.0
 
 @pytest.fixture(scope="module")
 def kafka(tmp_path_factory):
-    b = Broker(tmp_path_factory.mktemp("kafka"))
-    broker.format_storage(b.run_dir, b.config)
-    b.start()
-    try:
+    with running_broker(tmp_path_factory.mktemp("kafka")) as b:
         yield b
-    finally:
-        b.kill()
 
 
 # The tests' own topics are no mesh topic the taps' principal may write: they produce and

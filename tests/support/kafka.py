@@ -4,8 +4,10 @@ under ``<run dir>/secrets/kafka/``, SCRAM credentials and ACLs set after every s
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from kafka import KafkaConsumer, TopicPartition
@@ -62,6 +64,18 @@ class Broker:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()  # SIGKILL: no clean shutdown, the log is recovered on restart
             self.proc.wait(timeout=30)
+
+
+@contextlib.contextmanager
+def running_broker(run_dir: Path) -> Iterator[Broker]:
+    """A fresh broker on ``run_dir``, started (storage formatted) and killed on exit."""
+    b = Broker(run_dir)
+    broker.format_storage(b.run_dir, b.config)
+    b.start()
+    try:
+        yield b
+    finally:
+        b.kill()
 
 
 def read_all(kafka: Broker, topics: list[str], timeout: float = 60.0) -> list:
