@@ -146,6 +146,11 @@ class Guardrails:
                          figures)
         return Check(True, "", "within every guardrail", figures)
 
+    def last_step_window(self, service: str) -> int | None:
+        """The analysis window of ``service``'s last step that changed the mesh (not a shadow one)."""
+        return self.db.execute("SELECT max(window) FROM loop_steps WHERE service = ? AND shadow = 0",
+                               (service,)).fetchone()[0]
+
     def record(self, service: str, now: float, window: int, shadow: bool) -> None:
         """A step taken (or, ``shadow``, one that would have been); forgets steps older than an hour."""
         self.db.execute("DELETE FROM loop_steps WHERE at <= ?", (now - HOUR_S,))

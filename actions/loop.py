@@ -452,7 +452,7 @@ class Loop:
         if unknown:
             self._decide(service, anomaly.anomaly_id, "shift_weight", "held", now, window=window, mode=mode,
                          verdict="unknown", guardrail="unknown", before={"weights": weights},
-                         evidence=self._evidence(anomaly, window, judged),
+                         evidence=self._evidence(service, anomaly, window, judged),
                          reason=f"{service}: anomalous, but the judge cannot tell ({unknown[0].reason}): no move")
             return
         fails = [j for j in judged if j.verdict == "fail"]
@@ -531,6 +531,7 @@ class Loop:
         if check.allowed and theirs:
             check = Check(False, "operator_override", f"{service} carries an override by {routing.override.by} "
                                                       f"({routing.override.id}): the loop does not replace it")
+        evidence = self._evidence(service, anomaly, window, judged, check)  # the range judged, before this step
         outcome: Outcome
         if check.allowed:
             try:
@@ -555,7 +556,7 @@ class Loop:
                      guardrail=check.guardrail,
                      before={"weights": before}, after={"weights": after},
                      override_id=decision if outcome == "acted" and after != dict(routing.declared) else "",
-                     evidence=self._evidence(anomaly, window, judged, check), reason=step.reason(outcome, why))
+                     evidence=evidence, reason=step.reason(outcome, why))
         return outcome
 
     def _mesh_wide(self, service: str, anomaly: Anomaly, judged: tuple[Judgement, ...], fails: list[Judgement],
@@ -571,19 +572,31 @@ class Loop:
         self._fire(f"{service}/mesh_wide", service, "mesh_wide", "error", summary, now,
                    tuple((j.subset, j.reason) for j in judged))
         self._decide(service, anomaly.anomaly_id, "alert", "noted", now, window=window, mode=mode,
-                     verdict="fail" if fails else "pass", evidence=self._evidence(anomaly, window, judged),
+                     verdict="fail" if fails else "pass", evidence=self._evidence(service, anomaly, window, judged),
                      reason=summary)
+
+    def _judge_range(self, service: str, window: int) -> tuple[int, int]:
+        """The windows a judgement reads: the last JUDGE_WINDOWS closed ones, but none from
+        before the loop last changed the service's split (the window of that step included).
+        Pooled across a change, the subset whose weight rose would carry more of the later
+        windows' requests and be blamed for a fault that hits every subset alike (Simpson's
+        paradox); too few windows left means too few samples: the judge says unknown."""
+        start = window - JUDGE_WINDOWS * WINDOW_SECONDS
+        changed = self.guardrails.last_step_window(service)
+        if changed is not None:
+            start = min(window, max(start, changed + WINDOW_SECONDS))
+        return start, window
 
     def _judge(self, service: str, subsets: list[str], anomaly: Anomaly | None, action: str, mode: Mode, now: float,
                window: int) -> tuple[Judgement, ...] | None:
         """The subsets judged on the last JUDGE_WINDOWS windows; None (after a held decision)
         when the store cannot be read."""
-        start = window - JUDGE_WINDOWS * WINDOW_SECONDS
+        start, end = self._judge_range(service, window)
         try:
-            samples = self.samples.samples(service, subsets, start, window)
+            samples = self.samples.samples(service, subsets, start, end)
         except (StoreError, ValueError) as exc:
             self._decide(service, anomaly.anomaly_id if anomaly else "", action, "held", now, window=window, mode=mode,
-                         verdict="unknown", guardrail="unknown", evidence=self._evidence(anomaly, window, ()),
+                         verdict="unknown", guardrail="unknown", evidence=self._evidence(service, anomaly, window, ()),
                          reason=f"{service}: the samples to judge cannot be read ({exc}): no move")
             return None
         return judge_subsets(samples, self.spec.routing)
@@ -619,7 +632,7 @@ class Loop:
         routing = None if isinstance(view, str) else view.get(service)
         if isinstance(view, str):
             self._decide(service, anomaly.anomaly_id, "scale_out", "held", now, window=window, mode=mode,
-                         verdict="unknown", guardrail="unknown", evidence=self._evidence(anomaly, window, ()),
+                         verdict="unknown", guardrail="unknown", evidence=self._evidence(service, anomaly, window, ()),
                          reason=f"{service}: its subsets cannot be read from the control plane ({view}): no scaling")
             return
         live = [s for s, w in (routing.effective if routing else ()) if w > 0]
@@ -634,7 +647,7 @@ class Loop:
                 self._decide(service, anomaly.anomaly_id, "scale_out", "refused" if failing else "held", now,
                              window=window, mode=mode, verdict=bad[0].verdict,
                              guardrail="canary" if failing else "unknown",
-                             evidence=self._evidence(anomaly, window, judged),
+                             evidence=self._evidence(service, anomaly, window, judged),
                              reason=f"{service}: not scaled out, {bad[0].reason}"
                                     + (": more instances would send more traffic to it" if failing else ""))
                 return
@@ -642,7 +655,7 @@ class Loop:
             current = episode.instances if episode and mode == "shadow" else self.scaler.instances(service)
         except ScaleError as exc:
             self._decide(service, anomaly.anomaly_id, "scale_out", "held", now, window=window, mode=mode,
-                         verdict="unknown", guardrail="unknown", evidence=self._evidence(anomaly, window, judged),
+                         verdict="unknown", guardrail="unknown", evidence=self._evidence(service, anomaly, window, judged),
                          reason=f"{service}: its instances cannot be counted ({exc}): no scaling")
             return
         if current >= self.spec.scaling.max_instances:
@@ -676,6 +689,7 @@ class Loop:
     def _scale_step(self, service: str, anomaly: Anomaly | None, mode: Mode, now: float, window: int, action: str,
                     before: int, after: int, why: str, judged: tuple[Judgement, ...]) -> Outcome:
         check = self.guardrails.check(service, now, window)
+        evidence = self._evidence(service, anomaly, window, judged, check)  # the range judged, before this step
         step = _Step("scale", "scaled", f"{service} from {before} to {after} instances")
         outcome: Outcome
         if check.allowed:
@@ -693,7 +707,7 @@ class Loop:
             outcome, why = "refused", f"{check.detail} ({why})"
         self._decide(service, anomaly.anomaly_id if anomaly else "", action, outcome, now, window=window, mode=mode,
                      verdict="pass" if judged else "", guardrail=check.guardrail, before={"instances": before},
-                     after={"instances": after}, evidence=self._evidence(anomaly, window, judged, check),
+                     after={"instances": after}, evidence=evidence,
                      reason=step.reason(outcome, why))
         return outcome
 
@@ -778,10 +792,11 @@ class Loop:
         self.db.execute("DELETE FROM loop_alerts WHERE key = ?", (key,))
         self.alert(Alert(key=key, service=service, kind=kind, severity="info", summary=summary, firing=False, at=now))
 
-    def _evidence(self, anomaly: Anomaly | None, window: int, judged: Sequence[Judgement],
+    def _evidence(self, service: str, anomaly: Anomaly | None, window: int, judged: Sequence[Judgement],
                   check: Check | None = None) -> dict[str, Any]:
+        start, end = self._judge_range(service, window)
         return {"anomaly": _anomaly_json(anomaly) if anomaly else None,
-                "range": {"start_s": window - JUDGE_WINDOWS * WINDOW_SECONDS, "end_s": window},
+                "range": {"start_s": start, "end_s": end},
                 "judgements": [j.to_json() for j in judged],
                 "routing": asdict(self.spec.routing), "scaling": asdict(self.spec.scaling),
                 "guardrail": check.to_json() if check else None}

@@ -316,6 +316,23 @@ def test_a_latency_fault_on_v2_moves_its_weight_away_stepwise_respecting_the_hol
     assert h.loop.status().routing[0].drained == "v2"
 
 
+def test_a_judgement_reads_no_window_from_before_the_last_step() -> None:
+    """Pooled across a change of split, a fault that hits every subset alike looks worse on the
+    subset whose weight rose (its requests lean to the later, faulty windows: Simpson's
+    paradox, seen on the demo mesh).  After a step, judgements read only later windows."""
+    h = Harness(mode="on")
+    h.samples.median_ms["v2"] = 80.0
+    h.loop.on_anomaly(anomaly("open", T0), T0)
+    h.run(T0, T0 + 60)
+    steps = h.of("acted", "shift_weight")
+    assert len(steps) == 2
+    stepped_in = json.loads(steps[0].evidence)["window"]
+    after_step = [start for start, end in h.samples.ranges if end > stepped_in]
+    assert after_step and min(after_step) >= stepped_in + 10, h.samples.ranges
+    second = json.loads(steps[1].evidence)["range"]
+    assert second == {"start_s": stepped_in + 10, "end_s": second["end_s"]} and second["end_s"] > second["start_s"]
+
+
 def test_shadow_mode_changes_nothing_and_records_what_it_would_have_done() -> None:
     h = Harness()  # shadow is the default
     h.samples.median_ms["v2"] = 80.0
