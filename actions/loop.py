@@ -280,6 +280,12 @@ class Loop:
         if self._open_anomaly(event.service, ROUTING_KINDS) is None and self._firing(key):
             self._resolve(key, event.service, "mesh_wide", f"{event.service}: the anomaly resolved", now)
 
+    def kind_of(self, anomaly_id: str) -> str | None:
+        """The kind an anomaly was recorded with when it opened (a resolve event's own causes
+        describe the calm window that closed it, not the fault), None when unknown."""
+        row = self.db.execute("SELECT kind FROM loop_anomalies WHERE anomaly_id = ?", (anomaly_id,)).fetchone()
+        return row[0] if row else None
+
     def tick(self, now: float, health: LoopHealth) -> None:
         """Decide what this analysis window calls for (at most once per service and window)."""
         window = _window_of(now)

@@ -105,9 +105,10 @@ class CommandScaler:
             raise ScaleError(f"scaling {service} to {count} failed: {proc.stderr.strip()[-500:]}")
 
 
-def anomaly_alert(event: AnomalyEvent) -> Alert:
-    """The alert an anomaly event raises (open) or resolves (resolved): one per service and kind."""
-    kind = anomaly_kind(event)
+def anomaly_alert(event: AnomalyEvent, kind: str | None = None) -> Alert:
+    """The alert an anomaly event raises (open) or resolves (resolved): one per service and kind
+    (``kind``: the one it opened with; by default its own causes' kind)."""
+    kind = kind or anomaly_kind(event)
     ratio = event.peak_score / event.threshold if event.threshold > 0 else 0.0
     severity = "critical" if ratio >= 3 else "error"
     return Alert(key=f"{event.service}/{kind}", service=event.service, kind=kind, severity=severity,
@@ -116,6 +117,17 @@ def anomaly_alert(event: AnomalyEvent) -> Alert:
                  details=(("anomaly_id", event.anomaly_id), ("score", f"{event.score:.3g}"),
                           ("threshold", f"{event.threshold:.3g}"), ("windows", str(event.windows)),
                           ("detector", f"{event.detector} {event.model_version}"), ("causes", event.causes)))
+
+
+def handle(event: AnomalyEvent, loop: Loop, notifier: Notifier, now: float) -> None:
+    """One anomaly event to the loop (its decisions) and the notifier (its alert); call in the
+    round's transaction."""
+    loop.on_anomaly(event, now)
+    alert = anomaly_alert(event, loop.kind_of(event.anomaly_id))
+    if alert.firing:
+        notifier.fire(alert, now)
+    else:
+        notifier.resolve(alert.key, now)
 
 
 class Service:
@@ -192,12 +204,7 @@ class Service:
             self.reload_spec()
             try:
                 for event in batch.events if batch else ():
-                    self.loop.on_anomaly(event, now)
-                    alert = anomaly_alert(event)
-                    if alert.firing:
-                        self.notifier.fire(alert, now)
-                    else:
-                        self.notifier.resolve(alert.key, now)
+                    handle(event, self.loop, self.notifier, now)
                 if batch:
                     self.feed.advance(batch)
                 self.db.commit()

@@ -22,7 +22,7 @@ from actions.model import Alert
 from actions.outbox import Outbox
 from actions.samples import SubsetSample
 from actions.scaling import ScaleError
-from actions.service import anomaly_alert
+from actions.service import handle
 from core.contracts import WINDOW_SECONDS, ActionDecision, AnomalyEvent, Override, ServiceRouting
 from core.loopspec import ActionsSpec, AlertRoute, AlertsSpec, Receiver, SecretRef, SlackReceiver
 from greymesh.scenarios import Phase, load_phases
@@ -130,8 +130,7 @@ def run_loop(events: list[AnomalyEvent], since: int, until: int, services: list[
     for now in range(since, until):
         while pending and pending[0].window + WINDOW_SECONDS <= now:
             event = pending.pop(0)
-            loop.on_anomaly(event, float(now))
-            notifier.fire(anomaly_alert(event), float(now))
+            handle(event, loop, notifier, float(now))
         loop.tick(float(now), HEALTHY)
         notifier.tick(float(now))
         db.commit()

@@ -243,7 +243,8 @@ def test_the_process_turns_anomalies_into_one_incident_and_survives_kill_9_mid_e
 
         # kill -9 with the episode open, the resolve arriving while it is down.
         proc.kill()
-        produce(kafka, [anomaly("resolved", anomaly_id=opened.anomaly_id)])
+        # A resolve's causes are the calm window's: it must still close the incident the open raised.
+        produce(kafka, [anomaly("resolved", anomaly_id=opened.anomaly_id, feature="response_bytes")])
         proc.start()
         wait_for(lambda: payments() and all(i.resolved for i in payments()), 60,
                  "the payments incident resolved after the restart")

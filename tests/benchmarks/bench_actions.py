@@ -42,7 +42,7 @@ from actions.loop import Loop, LoopHealth  # noqa: E402
 from actions.model import Alert  # noqa: E402
 from actions.samples import SubsetSample  # noqa: E402
 from actions.scaling import ScaleError  # noqa: E402
-from actions.service import anomaly_alert  # noqa: E402
+from actions.service import handle  # noqa: E402
 from core.contracts import WINDOW_SECONDS, ActionDecision, AnomalyEvent, Override, ServiceRouting  # noqa: E402
 from core.loopspec import ActionsSpec, AlertRoute, AlertsSpec, Receiver, SecretRef, SlackReceiver  # noqa: E402
 from tests.benchmarks.procs import machine, stop_on_signals, verdict  # noqa: E402
@@ -130,9 +130,7 @@ def bench_loop(n: int, rounds: int, problems: list[str]) -> dict[str, float]:
         now = window + 1.0
         started = time.perf_counter()
         for s in services:
-            event = anomaly(s, window)
-            loop.on_anomaly(event, now)
-            notifier.fire(anomaly_alert(event), now)
+            handle(anomaly(s, window), loop, notifier, now)
         db.commit()
         loop.tick(now, HEALTHY)
         notifier.tick(now)
