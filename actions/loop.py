@@ -586,9 +586,16 @@ class Loop:
         before the loop last changed the service's split (the window of that step included).
         Pooled across a change, the subset whose weight rose would carry more of the later
         windows' requests and be blamed for a fault that hits every subset alike (Simpson's
-        paradox); too few windows left means too few samples: the judge says unknown."""
+        paradox); too few windows left means too few samples: the judge says unknown.  A
+        change is the loop's last step or the override in force being set (a revert, an
+        operator's); an operator's apply that edits the split is not seen here."""
         start = window - JUDGE_WINDOWS * WINDOW_SECONDS
-        changed = self.guardrails.last_step_window(service)
+        changes = [self.guardrails.last_step_window(service)]
+        view = self._routing_view()
+        override = None if isinstance(view, str) or service not in view else view[service].override
+        if override is not None:  # set by a revert or an operator, not only by the loop's steps
+            changes.append(_window_of(override.created_at))
+        changed = max((c for c in changes if c is not None), default=None)
         if changed is not None:
             start = min(window, max(start, changed + WINDOW_SECONDS))
         return start, window

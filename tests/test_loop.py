@@ -333,6 +333,16 @@ def test_a_judgement_reads_no_window_from_before_the_last_step() -> None:
     assert second == {"start_s": stepped_in + 10, "end_s": second["end_s"]} and second["end_s"] > second["start_s"]
 
 
+def test_a_judgement_reads_no_window_from_before_the_override_in_force_was_set() -> None:
+    h = Harness(mode="on")
+    h.overrides.override = Override(service="payments", id="op-1", reason="by hand", weights=(("v1", 60), ("v2", 40)),
+                                    by="cli", created_at=T0 + 12)
+    h.loop.on_anomaly(anomaly("open", T0 + 25), T0 + 25)
+    h.run(T0 + 25, T0 + 45)
+    set_in = int(T0 + 12) // WINDOW_SECONDS * WINDOW_SECONDS
+    assert h.samples.ranges and min(start for start, _ in h.samples.ranges) == set_in + WINDOW_SECONDS
+
+
 def test_shadow_mode_changes_nothing_and_records_what_it_would_have_done() -> None:
     h = Harness()  # shadow is the default
     h.samples.median_ms["v2"] = 80.0
