@@ -42,13 +42,13 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from actions.alerts import Notifier
 from actions.controlplane import ControlPlaneOverrides, OverrideError
 from actions.feed import AnomalyFeed, DecisionLog
-from actions.loop import Loop, LoopHealth
+from actions.loop import Loop, LoopHealth, apportion
 from actions.model import Alert, anomaly_kind
 from actions.receivers import Dispatcher
 from actions.samples import StoreSamples
 from actions.scaling import ScaleError
 from core import jsonhttp
-from core.contracts import ActionDecision, AnomalyEvent
+from core.contracts import ActionDecision, AnomalyEvent, ServiceRouting
 from core.credentials import CredentialError
 from core.datadir import PRIVATE_UMASK, DataDir
 from core.kafka import add_secret_argument, auth_from_args
@@ -80,29 +80,54 @@ def open_state(path: Path) -> sqlite3.Connection:
 
 class CommandScaler:
     """Scales through the runtime's own command (given by the runtime: the local runtime's
-    `greymesh scale`), and counts instances from the control plane's routing view."""
+    `greymesh scale SERVICE[/SUBSET] COUNT`), and counts instances from the control plane's
+    routing view.
+
+    A service with several subsets is scaled per subset: every subset keeps one instance,
+    the rest follow the traffic each subset takes now (its effective weight), and subsets
+    grow before any shrinks, so capacity never dips on the way."""
 
     def __init__(self, command: list[str], overrides: ControlPlaneOverrides):
         self.command = command
         self.overrides = overrides
 
-    def instances(self, service: str) -> int:
+    def _routing(self, service: str) -> ServiceRouting:
         try:
             routing = {r.service: r for r in self.overrides.routing()}
         except OverrideError as exc:
             raise ScaleError(f"cannot count {service}'s instances: {exc}") from None
         if service not in routing:
             raise ScaleError(f"{service}: the control plane knows no such service")
-        return sum(n for _, n in routing[service].instances)
+        return routing[service]
+
+    def instances(self, service: str) -> int:
+        return sum(n for _, n in self._routing(service).instances)
+
+    def plan(self, service: str, count: int) -> list[tuple[str, int]]:
+        """The (target, count) commands that bring ``service`` to ``count`` instances."""
+        routing = self._routing(service)
+        have = dict(routing.instances)
+        if len(have) <= 1:
+            return [(service, count)]
+        if count < len(have):
+            raise ScaleError(f"{service}: {count} instance(s) cannot keep one for each of its subsets "
+                             f"({', '.join(have)})")
+        effective = dict(routing.effective)
+        extra = apportion(count - len(have), {s: effective.get(s, 0) for s in have})
+        want = {s: 1 + extra[s] for s in have}
+        grow = [(f"{service}/{s}", want[s]) for s in have if want[s] > have[s]]
+        shrink = [(f"{service}/{s}", want[s]) for s in have if want[s] < have[s]]
+        return grow + shrink
 
     def scale(self, service: str, count: int) -> None:
-        try:
-            proc = subprocess.run([*self.command, service, str(count)], capture_output=True, text=True,
-                                  timeout=SCALE_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            raise ScaleError(f"scaling {service} to {count} took more than {SCALE_TIMEOUT_S:.0f}s") from None
-        if proc.returncode != 0:
-            raise ScaleError(f"scaling {service} to {count} failed: {proc.stderr.strip()[-500:]}")
+        for target, n in self.plan(service, count):
+            try:
+                proc = subprocess.run([*self.command, target, str(n)], capture_output=True, text=True,
+                                      timeout=SCALE_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                raise ScaleError(f"scaling {target} to {n} took more than {SCALE_TIMEOUT_S:.0f}s") from None
+            if proc.returncode != 0:
+                raise ScaleError(f"scaling {target} to {n} failed: {proc.stderr.strip()[-500:]}")
 
 
 def anomaly_alert(event: AnomalyEvent, kind: str | None = None) -> Alert:

@@ -26,8 +26,10 @@ import pytest
 from kafka import KafkaProducer
 
 from actions.feed import AnomalyFeed, DecisionLog
+from actions.scaling import ScaleError
+from actions.service import CommandScaler
 from core import credentials, jsonhttp
-from core.contracts import ACTION_TOPIC, ANOMALY_TOPIC, ActionDecision, AnomalyEvent
+from core.contracts import ACTION_TOPIC, ANOMALY_TOPIC, ActionDecision, AnomalyEvent, ServiceRouting
 from core.kafka import ACTIONS, secret_path
 from tests.support.kafka import Broker, read_all, running_broker
 from tests.support.mesh import wait_for
@@ -138,6 +140,43 @@ def test_decisions_wait_in_the_state_while_kafka_is_away_and_go_out_in_order(kaf
     log.close()
     sent = [json.loads(r.value)[0] for r in read_all(kafka, [ACTION_TOPIC]) if r.key == service.encode()]
     assert [d["event_id"] for d in sent] == [d.event_id for d in made]
+
+
+class Routing:
+    """The control plane's routing view of one service, for the scaler."""
+
+    def __init__(self, instances: dict[str, int], effective: dict[str, int]):
+        self.view = ServiceRouting(service="payments", subsets=tuple(instances), instances=tuple(instances.items()),
+                                   callers=("orders",), declared=tuple(effective.items()),
+                                   effective=tuple(effective.items()), override=None)
+
+    def routing(self) -> list[ServiceRouting]:
+        return [self.view]
+
+
+def scaler(tmp_path: Path, routing: Routing, fail: bool = False) -> tuple[CommandScaler, Path]:
+    calls = tmp_path / "calls"
+    script = f"import sys; open({str(calls)!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n'); sys.exit({int(fail)})"
+    return CommandScaler([sys.executable, "-c", script], routing), calls  # type: ignore[arg-type]
+
+
+def test_a_split_service_is_scaled_per_subset_growing_before_shrinking(tmp_path: Path):
+    s, calls = scaler(tmp_path, Routing({"v1": 1, "v2": 1}, {"v1": 75, "v2": 25}))
+    assert s.instances("payments") == 2
+    assert s.plan("payments", 4) == [("payments/v1", 3)]  # one each, the other two after the traffic
+    s.overrides = Routing({"v1": 3, "v2": 1}, {"v1": 0, "v2": 100})  # type: ignore[assignment]
+    assert s.plan("payments", 4) == [("payments/v2", 3), ("payments/v1", 1)]
+    s.scale("payments", 4)
+    assert calls.read_text().splitlines() == ["payments/v2 3", "payments/v1 1"]
+    with pytest.raises(ScaleError, match="one for each of its subsets"):
+        s.plan("payments", 1)
+
+
+def test_a_failed_scale_command_says_what_it_said(tmp_path: Path):
+    s, _ = scaler(tmp_path, Routing({"main": 1}, {"main": 100}), fail=True)
+    assert s.plan("payments", 2) == [("payments", 2)]
+    with pytest.raises(ScaleError, match="scaling payments to 2 failed"):
+        s.scale("payments", 2)
 
 
 # --- the process ----------------------------------------------------------------------------
