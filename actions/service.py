@@ -165,6 +165,9 @@ class Service:
         self.store, self.scorer_stats = store, scorer_stats
         self.lock = threading.RLock()
         self.spec_problem: str | None = None
+        # Set once the applied spec was read: until then the receivers are unknown, and the
+        # dispatcher would fail the outbox's messages as sent to receivers that no longer exist.
+        self.configured = threading.Event()
         self._spec_mtime: float | None = None
         self.health = LoopHealth(store_ok=True, scorer_ok=True, kafka_ok=True, detail="starting")
         self.rounds = 0
@@ -185,6 +188,7 @@ class Service:
             log.error("%s", self.spec_problem)
             return
         self.spec_problem = None
+        self.configured.set()
         self.loop.update_spec(spec.actions)
         self.notifier.update_spec(spec.alerts)
         self.dispatcher.update_spec(spec.alerts)
@@ -421,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
-    deliverer = threading.Thread(target=deliver, args=(dispatcher, stop), name="greymesh-alerts", daemon=True)
+    deliverer = threading.Thread(target=deliver, args=(dispatcher, svc.configured, stop), name="greymesh-alerts",
+                                 daemon=True)
     deliverer.start()
     log.info("actions on %s:%d, state %s, config from %s", args.host, args.http_port, dd.actions_state, spec_file)
     try:
@@ -442,9 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def deliver(dispatcher: Dispatcher, stop: threading.Event) -> None:
-    """The dispatcher's thread: start what is due, then sleep until a send concludes (or a
-    short while, so new messages start promptly)."""
+def deliver(dispatcher: Dispatcher, configured: threading.Event, stop: threading.Event) -> None:
+    """The dispatcher's thread: once the receivers are known, start what is due, then sleep
+    until a send concludes (or a short while, so new messages start promptly)."""
+    while not stop.is_set() and not configured.wait(DELIVERY_POLL_S):
+        pass
     while not stop.is_set():
         try:
             dispatcher.tick(time.time())

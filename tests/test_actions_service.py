@@ -275,12 +275,17 @@ def test_the_process_turns_anomalies_into_one_incident_and_survives_kill_9_mid_e
         assert not health["store_ok"] and "store" in health["detail"]
 
         opened = anomaly("open")
+        slack.delay_next(10, 4)  # Slack answers late: its messages are still in flight at the kill
         produce(kafka, [opened])
         payments = lambda: [i for i in pd.incidents if "payments" in " ".join(i.summaries)]  # noqa: E731
         wait_for(lambda: bool(payments()), 60, "a PagerDuty trigger for the anomaly")
-        wait_for(lambda: any("payments" in json.dumps(m) for m in slack.messages), 60, "a Slack message on payments")
+        # Its delivery recorded (a kill between PagerDuty's answer and that record sends it again:
+        # at least once, which PagerDuty's dedup_key makes one incident).
+        wait_for(lambda: {r["name"]: r for r in proc.api("/alerts")["receivers"]}["oncall"]["sent"] >= 2, 30,
+                 "the trigger recorded as sent")
 
-        # kill -9 with the episode open, the resolve arriving while it is down.
+        # kill -9 with the episode open and a Slack message unconfirmed, the resolve arriving
+        # while it is down.
         proc.kill()
         # A resolve's causes are the calm window's: it must still close the incident the open raised.
         produce(kafka, [anomaly("resolved", anomaly_id=opened.anomaly_id, feature="response_bytes")])
@@ -289,6 +294,9 @@ def test_the_process_turns_anomalies_into_one_incident_and_survives_kill_9_mid_e
                  "the payments incident resolved after the restart")
         assert len(payments()) == 1, "one incident per episode, even across a kill -9"
         assert payments()[0].triggers == 1
+        wait_for(lambda: any("payments" in json.dumps(m) for m in slack.messages), 60, "a Slack message on payments")
+        wait_for(lambda: {r["name"]: r for r in proc.api("/alerts")["receivers"]}["chat"]["queued"] == 0, 60,
+                 "Slack's queue drained after the restart")
 
         # Its decisions are in Kafka, written as the stage's own principal.
         def held() -> list[dict]:
@@ -301,6 +309,7 @@ def test_the_process_turns_anomalies_into_one_incident_and_survives_kill_9_mid_e
         receivers = {r["name"]: r for r in proc.api("/alerts")["receivers"]}
         assert receivers["oncall"]["state"] == "ok" and receivers["oncall"]["sent"] >= 2
         assert receivers["chat"]["sent"] >= 1
+        assert receivers["chat"]["failed"] == 0, "a message in flight at the kill was dropped on restart"
         assert str(slack.url) not in (proc.log.read_text() + json.dumps(proc.status()))
         assert proc.stop() == 0
 
