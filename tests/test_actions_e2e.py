@@ -176,8 +176,15 @@ def test_a_slow_canary_is_drained_then_restored_with_one_incident_and_no_failed_
     assert pd.changes, "the loop's moves go to PagerDuty as change events"
     assert any("payments" in json.dumps(m) for m in slack.messages)
 
+    # An operator's revert of the first shift goes through the same path and is recorded as theirs.
+    reverted = mesh.cli("actions", "revert", acted[-1]["event_id"])
+    assert " revert " in reverted.stdout and " acted " in reverted.stdout, reverted.stdout
+    revert = next(d for d in decisions(mesh, "payments") if d["action"] == "revert")
+    assert revert["by"] == "cli" and json.loads(revert["after"]) == {"weights": {"v1": 50, "v2": 50}}
+    assert routing(mesh)["effective"] == {"v1": 50, "v2": 50}
+
     # Every decision is in the audit stream (Kafka -> store), with its inputs.
-    ids = {d["event_id"] for d in acted + restored}
+    ids = {d["event_id"] for d in acted + restored + [revert]}
     wait_for(lambda: ids <= {r["event_id"] for r in mesh.query(
         "SELECT event_id FROM actions WHERE service = 'payments'")}, 60, "the decisions in the store")
     calm(mesh)
