@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,13 +24,12 @@ from actions.scaling import ScaleError
 from actions.service import handle
 from core.contracts import WINDOW_SECONDS, ActionDecision, AnomalyEvent, Override, ServiceRouting
 from core.loopspec import ActionsSpec, AlertRoute, AlertsSpec, Receiver, SecretRef, SlackReceiver
-from greymesh.scenarios import Phase, load_phases
-from ml.eval import read_recording
-from ml.features import NAMES, ServiceSeries, series_by_service
-from ml.model import MeshModel, train
+from greymesh.scenarios import Phase
+from ml.features import NAMES, ServiceSeries
+from ml.model import MeshModel
 from ml.scorer import Tracker
-
-DATA = Path(__file__).parent / "data" / "scenarios"
+from tests.support.recording import phases as recording_phases
+from tests.support.recording import trained
 HEALTHY = LoopHealth(store_ok=True, scorer_ok=True, kafka_ok=True)
 
 
@@ -76,14 +74,7 @@ class CountingScaler:
 
 @pytest.fixture(scope="module")
 def recording() -> tuple[MeshModel, dict[str, ServiceSeries], list[Phase]]:
-    phases = load_phases(DATA / "phases.jsonl")
-    train_end = next(p.end for p in phases if p.name == "train")
-    series = series_by_service(read_recording(DATA / "recording.csv")[0])
-    training = {name: ServiceSeries(name, s.start, s.raw[s.windows + WINDOW_SECONDS <= train_end])
-                for name, s in series.items()}
-    model = train(training, "pca", since=min(s.start for s in series.values()), until=int(train_end),
-                  progress=lambda _: None)
-    return model, series, phases
+    return (*trained("pca"), recording_phases())
 
 
 def anomaly_events(model: MeshModel, series: dict[str, ServiceSeries], since: int, until: int) -> list[AnomalyEvent]:

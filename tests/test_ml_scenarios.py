@@ -9,35 +9,27 @@ fed through the scorer's hysteresis, as `greymesh ml score` does live.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-from ml.eval import load_recording, read_recording
-from ml.features import ServiceSeries, series_by_service
-from ml.model import MeshModel, train
-from greymesh.scenarios import Phase, load_phases
-from ml.scorer import Tracker
 from core.contracts import WINDOW_SECONDS
-
-DATA = Path(__file__).parent / "data" / "scenarios"
+from greymesh.scenarios import Phase
+from ml.eval import load_recording
+from ml.features import ServiceSeries
+from ml.model import MeshModel
+from ml.scorer import Tracker
+from tests.support.recording import DATA, trained
+from tests.support.recording import phases as recording_phases
 
 
 @pytest.fixture(scope="module")
 def phases() -> list[Phase]:
-    return load_phases(DATA / "phases.jsonl")
+    return recording_phases()
 
 
 @pytest.fixture(scope="module")
-def recording(phases: list[Phase]) -> tuple[MeshModel, dict[str, ServiceSeries]]:
-    train_end = next(p.end for p in phases if p.name == "train")
-    series = series_by_service(read_recording(DATA / "recording.csv")[0])
-    training = {name: ServiceSeries(name, s.start, s.raw[s.windows + WINDOW_SECONDS <= train_end])
-                for name, s in series.items()}
-    model = train(training, "gru_ae", since=min(s.start for s in series.values()), until=int(train_end),
-                  progress=lambda _: None)
-    return model, series
+def recording() -> tuple[MeshModel, dict[str, ServiceSeries]]:
+    return trained("gru_ae")
 
 
 def replay(model: MeshModel, s: ServiceSeries, since: float, until: float) -> list[tuple[int, str]]:
