@@ -188,10 +188,10 @@ class Service:
             log.error("%s", self.spec_problem)
             return
         self.spec_problem = None
-        self.configured.set()
         self.loop.update_spec(spec.actions)
         self.notifier.update_spec(spec.alerts)
         self.dispatcher.update_spec(spec.alerts)
+        self.configured.set()
         log.info("config from %s: mode %s, %d receiver(s)", self.spec_file, spec.actions.mode, len(spec.alerts.receivers))
 
     def check_health(self, now: float, kafka_ok: bool) -> LoopHealth:
@@ -239,12 +239,16 @@ class Service:
                 self.db.commit()
             except Exception:
                 self.db.rollback()
-                self.feed.rewind()
+                self.feed.rewind()  # the batch is read again: its effects were not kept
                 raise
             self.health = self.check_health(now, kafka_ok)
-            self.loop.tick(now, self.health)
-            self.notifier.tick(now)
-            self.db.commit()
+            try:
+                self.loop.tick(now, self.health)
+                self.notifier.tick(now)
+                self.db.commit()
+            except Exception:
+                self.db.rollback()  # half a tick is never kept; the next round decides again
+                raise
             self.rounds += 1
         self.decisions.flush()
 
