@@ -148,6 +148,8 @@ def test_a_slow_canary_is_drained_then_restored_with_one_incident_and_no_failed_
         judged = {j["subset"]: j for j in evidence["judgements"]}
         assert judged["v2"]["verdict"] == "fail" and judged["v1"]["verdict"] == "pass", evidence
         print(f"\nfault -> first shift: {first_shift_s:.1f}s")
+        shown = mesh.cli("actions", "show", acted[-1]["event_id"]).stdout
+        assert "shift_weight" in shown and '"judgements"' in shown and "p_latency" in shown, shown
 
         # kill -9 mid-episode: the supervisor restarts it; the override stays, the episode goes on.
         killed = pid_of(mesh, "actions")
