@@ -257,8 +257,8 @@ def running_actions(tmp_path: Path, kafka: Broker) -> Iterator[tuple[ActionsProc
         spec = tmp_path / "applied.yaml"
         write_spec(spec, slack, pd)
         proc = ActionsProcess(tmp_path / "dd", kafka, spec)
-        proc.start()
         try:
+            proc.start()
             yield proc, slack, pd
         finally:
             if proc.proc and proc.proc.poll() is None:
