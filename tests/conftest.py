@@ -71,7 +71,8 @@ TIERS: dict[str, str] = {
     "test_security_ingress.py": E2E,    # the ingress (TLS, JWT, authz) and path tricks on the demo mesh
     "test_security_sidecar.py": E2E,    # impostor sidecars on ADS, ALS and ext_authz: in process (unit cases) and on the demo mesh
     "test_ml_e2e.py": E2E,
-    "test_actions_e2e.py": E2E,         # the demo mesh: a slow canary drained and restored by the loop, paged once              # the demo mesh with its scorer
+    "test_actions_e2e.py": E2E,         # the demo mesh: the loop blind with the scorer stopped; the CLI and a receiver test
+    "scenarios_actions.py": E2E,        # by hand only (not test_*): the scenarios on a trained model (see its doc)              # the demo mesh with its scorer
     "test_faults.py": E2E,              # kill -9 of each component of the demo mesh
     "test_benchmarks.py": E2E,          # the benchmarks, on real meshes
 }
