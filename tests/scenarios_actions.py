@@ -19,7 +19,7 @@ one time in two.  CI runs the scenario that needs no model (tests/test_actions_e
 
 (7, an hour of normal traffic making no decision and paging nobody, is replayed from a
 recording in tests/test_actions_replay.py.)  Anomalies come from a PCA model trained on the
-mesh's own steady minutes; receivers are loopback servers with PagerDuty's and Slack's
+mesh's own first minutes; receivers are loopback servers with PagerDuty's and Slack's
 documented contracts (tests/support/receivers.py)."""
 
 from __future__ import annotations
@@ -45,8 +45,6 @@ from tests.support.receivers import PagerDutyEvents, SlackWebhook
 
 RPS = 20
 FAULT_MS = 300
-STARTUP_WINDOWS = 10  # a starting mesh's first windows: not what normal looks like
-TRAIN_WINDOWS = 18  # what the model learns normal from (PCA's validation needs 16 or so)
 RESOLVE_S = 150  # 6 calm windows close an anomaly; the scorer's lateness and a window's slack on top
 
 
@@ -132,13 +130,11 @@ def instances(mesh: Mesh, service: str) -> int:
 
 
 def test_a_model_trained_on_this_mesh_is_scoring(mesh: Mesh) -> None:
-    # Trained on steady traffic only: a threshold is never below the largest held-out score, and
-    # in one CI run a p95 spike a minute after start (185 ms against ~25) set frontend's at 8x
-    # its usual, so that a 4x load surge raised no anomaly.
-    wait_for(lambda: closed_windows(mesh, "payments") >= STARTUP_WINDOWS + TRAIN_WINDOWS, 420,
-             f"{STARTUP_WINDOWS + TRAIN_WINDOWS} windows of payments traffic")
-    trained = mesh.cli("ml", "train", "--since", f"{TRAIN_WINDOWS * WINDOW_SECONDS}s", "--detector", "pca",
-                       timeout=300)
+    # The thresholds of a model trained on 17 windows vary several-fold from run to run (issue 14):
+    # trained on steady windows only they came out tight enough (payments 30 against ~270) for
+    # an anomaly never to resolve; with the start included, a spike can set one 8x its usual.
+    wait_for(lambda: closed_windows(mesh, "payments") >= 17, 360, "17 windows of payments traffic")
+    trained = mesh.cli("ml", "train", "--since", "15m", "--detector", "pca", timeout=300)
     assert "saved model v0001" in trained.stdout, trained.stdout
     print("\n" + trained.stdout)
     wait_for(lambda: mesh.status()["ml"]["model_version"] == "v0001", 30, "the scorer to load v0001")
@@ -279,7 +275,7 @@ def test_a_load_surge_at_the_front_door_scales_frontend_out_then_back(mesh: Mesh
         while not stop.is_set():
             get(url)
 
-    threads = [threading.Thread(target=surge, daemon=True) for _ in range(3)]
+    threads = [threading.Thread(target=surge, daemon=True) for _ in range(4)]  # ~5x the load
     for t in threads:
         t.start()
     try:
